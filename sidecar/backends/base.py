@@ -1,0 +1,88 @@
+"""The one small interface every secret backend implements.
+
+Modelled on Kong's vault strategies (``get(config, resource, version)``): a backend
+knows how to fetch one secret id at one version with one effective config, and
+nothing about caching, keys, references or HTTP. The resolver does the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from sidecar.errors import BackendFailure
+
+
+class VaultSettings(BaseModel):
+    """Fields every vault accepts (Kong's names). Backends subclass it with their own.
+
+    Frozen and hashable: the effective settings are part of the cache key, so a
+    reference that overrides a field through its query gets its own entry.
+    ``None`` for a duration means "the ``cache:`` default".
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Field names whose values are credentials: never echoed in errors or logs.
+    secret_fields: ClassVar[frozenset[str]] = frozenset()
+
+    ttl: float | None = Field(default=None, gt=0)
+    neg_ttl: float | None = Field(default=None, ge=0)
+    resurrect_ttl: float | None = Field(default=None, ge=0)
+    base64_decode: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """A value as the backend returned it, before key extraction.
+
+    ``version`` is the backend's own version label (AWS VersionId, Vault KV
+    version, GCP version number) when it has one, so callers can see rotation.
+    """
+
+    value: str
+    version: str | None = None
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """One instance per vault. Created outside the loop; ``start`` runs inside it."""
+
+    async def start(self) -> None:
+        """Open clients and authenticate. Raise a ``BackendFailure`` if that fails."""
+
+    async def fetch(self, secret_id: str, version: int | None, settings: Any) -> Fetched:
+        """Fetch one secret.
+
+        Raise ``SecretNotFound``/``AccessDenied``/``BackendError`` for permanent
+        failures and ``BackendUnavailable``/``BackendTimeout`` for transient ones.
+        Messages must not contain the value or any credential.
+        """
+
+    async def close(self) -> None:
+        """Release clients. Called once, even if ``start`` failed."""
+
+
+@runtime_checkable
+class BatchBackend(Backend, Protocol):
+    """A backend that can fetch several secrets of one settings in one call.
+
+    The resolver uses it for prefetch (and the refresher for due entries).
+    Results come back in the order asked, each a value or the failure for it.
+    """
+
+    async def fetch_many(
+        self, items: Sequence[tuple[str, int | None]], settings: Any
+    ) -> list[Fetched | BackendFailure]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class BackendKind:
+    """What the registry needs to know about a backend module."""
+
+    name: str
+    settings: type[VaultSettings]
+    create: Callable[[str], Backend]  # called with the vault prefix, for logs and metrics

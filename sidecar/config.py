@@ -1,0 +1,201 @@
+"""The YAML configuration, validated once into frozen typed objects.
+
+Every setting has a default, so no file at all runs the env backend on
+``./sidecar.sock``. Unknown keys are errors (a typo must not silently fall back
+to a default), and every error names the key, the value and what is allowed.
+A Kong decK file loads as is: its ``vaults:`` are ours, other entities ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sidecar.errors import ConfigError
+
+BACKEND_NAMES = ("env", "aws", "gcp", "hcv")
+PREFIX_PATTERN = r"^[a-z][a-z0-9-]*[a-z0-9]$"
+Seconds = Annotated[float, Field(ge=0)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ListenConfig(_Model):
+    socket: Path = Path("sidecar.sock")
+    mode: int = 0o660
+    group: str | int | None = None
+    max_concurrent_requests: int = Field(default=1024, gt=0)
+    drain_timeout: Seconds = 10.0
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _octal(cls, value: object) -> int:
+        """Accept ``"0660"`` as YAML users write it; refuse world-writable modes."""
+        if isinstance(value, str):
+            if not re.fullmatch(r"0?[0-7]{3}", value):
+                raise ValueError("must be an octal mode such as '0660'")
+            value = int(value, 8)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 0o777:
+            raise ValueError("must be an octal mode such as '0660'")
+        if value & 0o002:
+            raise ValueError("must not be world-writable (o+w): anyone could read secrets")
+        return value
+
+
+class MetricsConfig(_Model):
+    address: str = "127.0.0.1:9464"
+
+    @field_validator("address")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        if value and not re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[^:\s]*):\d{1,5}", value):
+            raise ValueError("must be host:port (e.g. 127.0.0.1:9464) or '' to disable")
+        return value
+
+    @property
+    def host_port(self) -> tuple[str, int] | None:
+        if not self.address:
+            return None
+        host, _, port = self.address.rpartition(":")
+        return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - an explicit ":port" means all
+
+
+class LogConfig(_Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+
+
+class CacheConfig(_Model):
+    """Defaults for every vault; a vault's own ``ttl``/``neg_ttl``/``resurrect_ttl`` win."""
+
+    ttl: float = Field(default=300.0, gt=0)
+    neg_ttl: Seconds = 30.0
+    resurrect_ttl: Seconds = 3600.0
+    max_entries: int = Field(default=100_000, gt=0)
+    backend_timeout: float = Field(default=10.0, gt=0)  # whole call, retries included
+    backend_retries: int = Field(default=2, ge=0)  # extra attempts after a transient failure
+    retry_backoff: float = Field(default=0.1, gt=0)  # first backoff; doubles, full jitter
+    retry_backoff_max: float = Field(default=2.0, gt=0)
+
+
+class VaultEntity(_Model):
+    """Kong's vault entity. ``id``/timestamps from a decK dump are accepted and unused."""
+
+    prefix: str = Field(pattern=PREFIX_PATTERN)
+    name: Literal["env", "aws", "gcp", "hcv"]
+    description: str | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+    tags: tuple[str, ...] | None = None
+    id: str | None = None
+    created_at: int | None = None
+    updated_at: int | None = None
+
+    @field_validator("prefix")
+    @classmethod
+    def _not_a_backend(cls, value: str) -> str:
+        if value in BACKEND_NAMES:
+            raise ValueError(f"must not be a backend name ({', '.join(BACKEND_NAMES)})")
+        return value
+
+    def __hash__(self) -> int:  # config is a dict: hash what identifies the entity
+        return hash((self.prefix, self.name))
+
+
+class ClientRule(_Model):
+    """Peer-credential ACL: globs over ``<vault name>/<secret id>``."""
+
+    uid: int | None = None
+    gid: int | None = None
+    allow: tuple[str, ...]
+
+    @model_validator(mode="after")
+    def _has_subject(self) -> ClientRule:
+        if self.uid is None and self.gid is None:
+            raise ValueError("a client rule needs uid or gid")
+        return self
+
+
+class Config(_Model):
+    listen: ListenConfig = ListenConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    log: LogConfig = LogConfig()
+    cache: CacheConfig = CacheConfig()
+    vaults: tuple[VaultEntity, ...] = ()
+    prefetch: tuple[str, ...] = ()
+    clients: tuple[ClientRule, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _deck(cls, data: Any) -> Any:
+        """A decK file carries other Kong entities: keep only what is ours."""
+        if isinstance(data, dict) and "_format_version" in data:
+            return {k: v for k, v in data.items() if k in cls.model_fields}
+        return data
+
+    @field_validator("vaults")
+    @classmethod
+    def _unique_prefixes(cls, vaults: tuple[VaultEntity, ...]) -> tuple[VaultEntity, ...]:
+        seen: set[str] = set()
+        for vault in vaults:
+            if vault.prefix in seen:
+                raise ValueError(f"prefix {vault.prefix!r} is used by more than one vault")
+            seen.add(vault.prefix)
+        return vaults
+
+    @field_validator("prefetch")
+    @classmethod
+    def _references(cls, refs: tuple[str, ...]) -> tuple[str, ...]:
+        from sidecar.reference import parse  # noqa: PLC0415 - reference imports errors only
+
+        for ref in refs:
+            parse(ref)
+        return refs
+
+
+def describe_errors(
+    exc: ValidationError, where: str, secret_fields: frozenset[str] = frozenset()
+) -> str:
+    """One line per problem: the key path, what is wrong, the value (unless a credential)."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(part) for part in err["loc"])
+        key = str(err["loc"][-1]) if err["loc"] else ""
+        shown = "<redacted>" if key in secret_fields else _short(err.get("input"))
+        path = f"{where}.{loc}" if loc else where
+        lines.append(f"{path}: {err['msg']} (got {shown})")
+    return "; ".join(lines)
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def load_config(path: Path | None) -> Config:
+    """Read and validate ``path``; ``None`` gives the embedded default."""
+    if path is None:
+        return Config()
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must be a mapping, got {type(raw).__name__}")
+    return parse_config(raw, str(path))
+
+
+def parse_config(raw: dict[str, Any], where: str = "config") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(describe_errors(exc, where)) from exc

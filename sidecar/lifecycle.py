@@ -1,0 +1,267 @@
+"""Start -> ready -> reload -> drain -> stop, in one place.
+
+Resources start in order and close in reverse: socket, API, metrics listener,
+backends, prefetch/readiness. SIGTERM/SIGINT stop accepting, let in-flight
+requests finish within ``drain_timeout``, close backends and remove the socket.
+SIGHUP re-reads the configuration; an invalid one is logged and the old kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import os
+import signal
+import socket
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from sidecar import logging as sidecar_logging
+from sidecar.access import AccessPolicy
+from sidecar.cache import Cache
+from sidecar.config import Config, ListenConfig
+from sidecar.errors import ConfigError, StartupError
+from sidecar.logging import get_logger
+from sidecar.metrics import Metrics
+from sidecar.resolver import Resolver
+from sidecar.server import State, build_app, build_metrics_app
+from sidecar.vaults import VaultRegistry, close_vaults
+
+log = get_logger("sidecar.lifecycle")
+
+PREFETCH_RETRY_MAX = 30.0  # seconds between retries of prefetch refs that failed
+
+
+def bind_unix_socket(listen: ListenConfig) -> socket.socket:
+    """Bind, set mode and group, and only then return: ``listen()`` comes later.
+
+    Nobody can connect to a socket that is not listening, so there is no window
+    in which it exists with the umask's mode instead of ours.
+    """
+    path = listen.socket
+    _clear_stale(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, listen.mode)
+        if listen.group is not None:
+            os.chown(path, -1, _gid(listen.group))
+    except (OSError, KeyError) as exc:
+        sock.close()
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
+        raise StartupError(f"cannot create socket {path}: {exc}") from exc
+    sock.setblocking(False)
+    return sock
+
+
+def _gid(group: str | int) -> int:
+    return group if isinstance(group, int) else grp.getgrnam(group).gr_gid
+
+
+def _clear_stale(path: Path) -> None:
+    """Remove a socket file no daemon answers on; refuse anything else."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise StartupError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)
+        log.info("socket.stale_removed", socket=str(path))
+        return
+    finally:
+        probe.close()
+    raise StartupError(f"another process is serving on {path}; stop it or choose another socket")
+
+
+def _remove_socket(path: Path, inode: int) -> None:
+    """Unlink the socket only if it is still ours (a successor may have replaced it)."""
+    with contextlib.suppress(FileNotFoundError):
+        if os.lstat(path).st_ino == inode:
+            os.unlink(path)
+
+
+class Daemon:
+    """The running pieces of one ``serve`` call, so reload can swap them."""
+
+    def __init__(self, config: Config, metrics: Metrics, clock: Callable[[], float]) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.cache = Cache(
+            max_entries=config.cache.max_entries,
+            clock=clock,
+            observe=lambda result: metrics.cache_lookups.labels(result.value).inc(),
+        )
+        resolver = Resolver(VaultRegistry(config.vaults), self.cache, config.cache, metrics)
+        self.state = State(
+            resolver, AccessPolicy(config.clients), metrics, config.listen.max_concurrent_requests
+        )
+        self._readiness: asyncio.Task[None] | None = None
+
+    def update_gauges(self) -> None:
+        self.metrics.entries.set(len(self.cache))
+        self.metrics.ready.set(1 if self.state.ready else 0)
+        for prefix, row in self.state.resolver.status()["vaults"].items():
+            self.metrics.oldest_age.labels(prefix).set(row["oldest_age_seconds"] or 0.0)
+
+    def become_ready(self) -> None:
+        """(Re)start the task that starts vaults and prefetches until everything is in."""
+        if self._readiness is not None:
+            self._readiness.cancel()
+        self._readiness = asyncio.create_task(self._prepare())
+
+    async def _prepare(self) -> None:
+        state, delay = self.state, 1.0
+        while True:
+            resolver = state.resolver
+            missing: dict[str, str] = {}
+            for vault in resolver.vaults:
+                try:
+                    await vault.ensure_started()
+                except Exception as exc:
+                    missing[f"vault:{vault.prefix}"] = getattr(exc, "message", type(exc).__name__)
+            failures = await resolver.prefetch(self.config.prefetch)
+            missing.update({f"ref:{ref}": exc.message for ref, exc in failures.items()})
+            state.not_ready = missing
+            state.ready = not missing
+            self.metrics.ready.set(1 if state.ready else 0)
+            if state.ready:
+                log.info("ready", prefetched=len(self.config.prefetch))
+                return
+            log.warning("not_ready", missing=sorted(missing), retry_in_seconds=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, PREFETCH_RETRY_MAX)
+
+    async def reload(self, load: Callable[[], Config]) -> None:
+        try:
+            config = load()
+            vaults = VaultRegistry(config.vaults)
+        except ConfigError as exc:
+            self.metrics.reloads.labels("failed").inc()
+            log.error("config.reload_failed", error=exc.message)
+            return
+        old = self.config
+        if (config.listen, config.metrics) != (old.listen, old.metrics):
+            log.warning("config.restart_needed", reason="listen/metrics changes need a restart")
+        retired = vaults.adopt_unchanged(self.state.resolver.vaults)
+        gone = {vault.prefix for vault in retired}
+        dropped = self.cache.drop(lambda key: key.vault in gone)
+        self.cache.resize(config.cache.max_entries)
+        self.state.resolver = Resolver(vaults, self.cache, config.cache, self.metrics)
+        self.state.access = AccessPolicy(config.clients)
+        self.config = config
+        sidecar_logging.configure(config.log.level, config.log.format)
+        self.metrics.reloads.labels("ok").inc()
+        log.info("config.reloaded", retired_vaults=sorted(gone), dropped_entries=dropped)
+        await close_vaults(retired)
+        self.become_ready()
+
+    async def close(self) -> None:
+        if self._readiness is not None:
+            self._readiness.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._readiness
+        await self.state.resolver.vaults.close()
+
+
+async def _start_metrics(daemon: Daemon, config: Config) -> web.AppRunner | None:
+    address = config.metrics.host_port
+    if address is None:
+        return None
+    runner = web.AppRunner(build_metrics_app(daemon.metrics, daemon.update_gauges))
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, *address).start()
+    except OSError as exc:
+        await runner.cleanup()
+        where = config.metrics.address
+        raise StartupError(f"cannot listen for metrics on {where}: {exc}") from exc
+    return runner
+
+
+async def serve(
+    config: Config,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
+    ready: asyncio.Event | None = None,
+    reload: Callable[[], Config] | None = None,
+    metrics: Metrics | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    handle_signals: bool = False,
+) -> None:
+    """Run the daemon until ``shutdown_trigger`` returns (or SIGTERM/SIGINT).
+
+    ``ready`` is set once the socket accepts requests; ``/readyz`` separately
+    reports whether prefetch and every vault are in. ``reload`` re-reads the
+    configuration on SIGHUP.
+    """
+    daemon = Daemon(config, metrics or Metrics(), clock)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()  # keep a reference, or a reload task may be GC'd
+
+    def on_hangup() -> None:
+        if reload is not None:
+            task = loop.create_task(daemon.reload(reload))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    listen = config.listen
+    sock = bind_unix_socket(listen)
+    inode = os.lstat(listen.socket).st_ino
+    api = web.AppRunner(
+        build_app(daemon.state), access_log=None, shutdown_timeout=listen.drain_timeout
+    )
+    scrape: web.AppRunner | None = None
+    try:
+        await api.setup()
+        await web.SockSite(api, sock).start()
+        scrape = await _start_metrics(daemon, config)
+        if handle_signals:
+            loop.add_signal_handler(signal.SIGTERM, stop.set)
+            loop.add_signal_handler(signal.SIGINT, stop.set)
+            loop.add_signal_handler(signal.SIGHUP, on_hangup)
+        log.info("listening", socket=str(listen.socket), metrics=config.metrics.address or None)
+        daemon.become_ready()
+        if ready is not None:
+            ready.set()
+        waiters: list[asyncio.Future[object]] = [asyncio.ensure_future(stop.wait())]
+        if shutdown_trigger is not None:
+            waiters.append(asyncio.ensure_future(shutdown_trigger()))
+        _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in pending:
+            waiter.cancel()
+        log.info("draining", in_flight=daemon.state.in_flight, timeout_seconds=listen.drain_timeout)
+    finally:
+        if handle_signals:
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(signum)
+        await api.cleanup()  # stop accepting, wait for in-flight handlers, then close
+        if scrape is not None:
+            await scrape.cleanup()
+        await daemon.close()
+        _remove_socket(listen.socket, inode)
+        log.info("stopped")
+
+
+def run(config: Config, reload: Callable[[], Config] | None = None) -> None:
+    """Run ``serve`` on uvloop when it is installed (plain asyncio otherwise)."""
+    try:
+        import uvloop  # noqa: PLC0415
+
+        factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
+    except ImportError:
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(serve(config, reload=reload, handle_signals=True))

@@ -1,0 +1,70 @@
+"""structlog set-up: one JSON object per line on stderr, with a redaction safety net.
+
+Stderr, because ``secret-sidecar resolve`` prints the value on stdout and the two
+must never mix. Code logs secret ids and references, never values; the
+redaction processor is the net under that rule, not the rule itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+import structlog
+
+REDACTED = "<redacted>"
+SENSITIVE_KEYS = frozenset(
+    {
+        "value",
+        "values",
+        "secret",
+        "secret_value",
+        "password",
+        "token",
+        "authorization",
+        "credentials",
+        "aws_secret_access_key",
+        "secret_access_key",
+        "approle_secret_id",
+        "client_key",
+    }
+)
+
+
+def redact(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Replace values under sensitive keys, also inside nested mappings."""
+    for key, item in event.items():
+        if key.lower() in SENSITIVE_KEYS:
+            event[key] = REDACTED
+        elif isinstance(item, Mapping):
+            event[key] = redact(_logger, _method, dict(item))
+    return event
+
+
+def configure(level: str = "info", fmt: str = "json") -> None:
+    """Configure structlog for the whole process; safe to call again on reload."""
+    renderer: structlog.typing.Processor = (
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            redact,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
+    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger(logger=name)
+    return logger

@@ -1,0 +1,71 @@
+"""Prometheus metrics (design.md section 7), on a registry of our own.
+
+Labels are bounded sets (endpoint, code, vault, backend, outcome): never a
+reference, a secret id or a value, so cardinality stays flat and nothing leaks.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+
+from sidecar import __version__
+
+PREFIX = "secret_sidecar"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Cache hits are sub-millisecond; backend calls span milliseconds to the timeout.
+_FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
+_SLOW = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """Every family the daemon exports; one instance per daemon (tests make their own)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            f"{PREFIX}_requests", "API requests by endpoint and status code.",
+            ["endpoint", "code"], registry=r,
+        )  # fmt: skip
+        self.request_duration = Histogram(
+            f"{PREFIX}_request_duration_seconds", "API request duration by endpoint.",
+            ["endpoint"], buckets=_FAST, registry=r,
+        )  # fmt: skip
+        self.cache_lookups = Counter(
+            f"{PREFIX}_cache_lookups", "Cache lookups by result (hit, miss, stale, negative).",
+            ["result"], registry=r,
+        )  # fmt: skip
+        self.backend_calls = Counter(
+            f"{PREFIX}_backend_calls", "Backend calls by vault, backend and outcome.",
+            ["vault", "backend", "outcome"], registry=r,
+        )  # fmt: skip
+        self.backend_duration = Histogram(
+            f"{PREFIX}_backend_call_duration_seconds", "Backend call duration.",
+            ["vault", "backend", "outcome"], buckets=_SLOW, registry=r,
+        )  # fmt: skip
+        self.refreshes = Counter(
+            f"{PREFIX}_refreshes", "Refreshes of cached values by outcome.",
+            ["outcome"], registry=r,
+        )  # fmt: skip
+        self.rotations = Counter(
+            f"{PREFIX}_rotations", "Refreshes that found a changed value, by vault.",
+            ["vault"], registry=r,
+        )  # fmt: skip
+        self.entries = Gauge(
+            f"{PREFIX}_cache_entries", "Entries in the cache.", registry=r,
+        )  # fmt: skip
+        self.oldest_age = Gauge(
+            f"{PREFIX}_oldest_value_age_seconds", "Age of the oldest cached value per vault.",
+            ["vault"], registry=r,
+        )  # fmt: skip
+        self.ready = Gauge(
+            f"{PREFIX}_ready", "1 once prefetch is resolved and every vault started.", registry=r,
+        )  # fmt: skip
+        self.reloads = Counter(
+            f"{PREFIX}_config_reloads", "Configuration reloads by outcome.",
+            ["outcome"], registry=r,
+        )  # fmt: skip
+        Info(f"{PREFIX}_build", "Build information.", registry=r).info({"version": __version__})
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

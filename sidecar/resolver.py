@@ -1,0 +1,323 @@
+"""Reference -> vault -> cached backend fetch -> JSON key -> answer.
+
+The only place that calls backends: it bounds each call in time, turns
+unexpected SDK exceptions into ``BackendError`` and records one metric and one
+log line per call, so every backend gets that for free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+from sidecar.backends import BatchBackend, Fetched, VaultSettings
+from sidecar.cache import Cache, Lookup, Policy, SecretKey
+from sidecar.config import CacheConfig
+from sidecar.errors import (
+    BackendError,
+    BackendFailure,
+    BackendTimeout,
+    InvalidReference,
+    SecretNotFound,
+    SidecarError,
+)
+from sidecar.logging import get_logger
+from sidecar.metrics import Metrics
+from sidecar.reference import Reference, parse
+from sidecar.vaults import Vault, VaultRegistry
+
+log = get_logger("sidecar.resolver")
+T = TypeVar("T")
+
+_LUA_TYPES = {bool: "boolean", int: "number", float: "number", dict: "table", list: "table"}
+
+
+def extract_key(value: str, key: str) -> str:
+    """Kong's rule: the value is a flat JSON object and the key's value a string.
+
+    Kong's messages, minus the value Kong prints in the decode error.
+    """
+    try:
+        document = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise InvalidReference(f"unable to json decode value: {exc.msg}") from None
+    if not isinstance(document, dict):
+        raise InvalidReference("unable to json decode value: not a JSON object")
+    if key not in document:
+        raise SecretNotFound(f"subfield {key} not found in JSON secret")
+    found = document[key]
+    if not isinstance(found, str):
+        kind = _LUA_TYPES.get(type(found), "userdata")
+        raise InvalidReference(f"unexpected {kind} value in JSON secret for subfield {key}")
+    return found
+
+
+def decode_base64(fetched: Fetched) -> Fetched:
+    try:
+        text = base64.b64decode(fetched.value, validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        raise BackendError("base64_decode is set but the value is not base64 of UTF-8") from None
+    return Fetched(text, fetched.version)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    ref: str
+    value: str
+    version: str | None
+    lookup: Lookup
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ref": self.ref,
+            "value": self.value,
+            "version": self.version,
+            "cached": self.lookup.cached,
+            "stale": self.lookup.stale,
+            "age_seconds": round(self.lookup.age, 3),
+            "expires_in_seconds": round(self.lookup.expires_in, 3),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A parsed reference bound to its vault and effective settings."""
+
+    reference: Reference
+    vault: Vault
+    key: SecretKey
+    policy: Policy
+
+
+class Resolver:
+    def __init__(
+        self, vaults: VaultRegistry, cache: Cache, defaults: CacheConfig, metrics: Metrics
+    ) -> None:
+        self.vaults = vaults
+        self.cache = cache
+        self.defaults = defaults
+        self.metrics = metrics
+
+    def target(self, text: str) -> Target:
+        """Parse and bind a reference; raises ``InvalidReference`` or ``UnknownVault``."""
+        reference = parse(text)
+        vault = self.vaults.get(reference.name)
+        settings = vault.settings_for(reference.config)
+        key = SecretKey(vault.prefix, reference.resource, reference.version, settings)
+        return Target(reference, vault, key, self.policy(settings))
+
+    def policy(self, settings: VaultSettings) -> Policy:
+        d = self.defaults
+        return Policy(
+            ttl=settings.ttl if settings.ttl is not None else d.ttl,
+            neg_ttl=settings.neg_ttl if settings.neg_ttl is not None else d.neg_ttl,
+            resurrect_ttl=(
+                settings.resurrect_ttl if settings.resurrect_ttl is not None else d.resurrect_ttl
+            ),
+        )
+
+    async def resolve(self, text: str, *, force: bool = False) -> Answer:
+        return await self.resolve_target(text, self.target(text), force=force)
+
+    async def resolve_target(self, text: str, target: Target, *, force: bool = False) -> Answer:
+        """Resolve an already bound reference (the server checks access in between)."""
+        lookup = await self.cache.get(
+            target.key, target.policy, lambda: self._fetch(target.vault, target.key), force=force
+        )
+        return self._answer(text, target.reference, lookup)
+
+    async def refresh_all(self) -> dict[str, int]:
+        """Fetch every cached secret again now; count outcomes by error code (or ``ok``)."""
+        keys = [key for key, _ in self.cache.items()]
+
+        async def one(key: SecretKey) -> str:
+            try:
+                vault = self.vaults.get(key.vault)
+                policy = self.policy(key.settings)
+                await self.cache.get(key, policy, lambda: self._fetch(vault, key), force=True)
+            except SidecarError as exc:
+                return exc.code
+            return "ok"
+
+        outcomes = await asyncio.gather(*(one(key) for key in keys))
+        counts: dict[str, int] = {}
+        for outcome in outcomes:
+            counts[outcome] = counts.get(outcome, 0) + 1
+        return counts
+
+    async def _fetch(self, vault: Vault, key: SecretKey) -> Fetched:
+        backend = vault.backend
+        fetched = await self._call(
+            vault,
+            {"secret_id": key.secret_id, "version": key.version},
+            lambda: backend.fetch(key.secret_id, key.version, key.settings),
+        )
+        return _decoded(fetched, key.settings)
+
+    async def resolve_many(self, texts: Sequence[str]) -> list[Answer | SidecarError]:
+        """Resolve concurrently, each result or its error, in the order asked."""
+        results = await asyncio.gather(*(self.resolve(t) for t in texts), return_exceptions=True)
+        out: list[Answer | SidecarError] = []
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, SidecarError):
+                raise result
+            out.append(result)
+        return out
+
+    async def prefetch(self, texts: Sequence[str]) -> dict[str, SidecarError]:
+        """Warm the cache; return the references that failed and why.
+
+        References of a batch-capable backend that share vault and settings are
+        fetched with one ``fetch_many``; the rest one call each.
+        """
+        failures: dict[str, SidecarError] = {}
+        groups: defaultdict[tuple[str, Any], list[tuple[str, Target]]] = defaultdict(list)
+        singles: list[str] = []
+        for text in texts:
+            try:
+                target = self.target(text)
+            except SidecarError as exc:
+                failures[text] = exc
+                continue
+            if isinstance(target.vault.backend, BatchBackend):
+                groups[(target.vault.prefix, target.key.settings)].append((text, target))
+            else:
+                singles.append(text)
+        jobs: list[Awaitable[None]] = [self._prefetch_batch(g, failures) for g in groups.values()]
+        jobs += [self._prefetch_one(text, failures) for text in singles]
+        await asyncio.gather(*jobs)
+        return failures
+
+    async def _prefetch_one(self, text: str, failures: dict[str, SidecarError]) -> None:
+        try:
+            await self.resolve(text)
+        except SidecarError as exc:
+            failures[text] = exc
+
+    async def _prefetch_batch(
+        self, group: list[tuple[str, Target]], failures: dict[str, SidecarError]
+    ) -> None:
+        vault, settings = group[0][1].vault, group[0][1].key.settings
+        backend = vault.backend
+        assert isinstance(backend, BatchBackend)
+        unique = list(dict.fromkeys((t.key.secret_id, t.key.version) for _, t in group))
+        about = {"secrets": len(unique)}
+        batch = asyncio.ensure_future(
+            self._call(vault, about, lambda: backend.fetch_many(unique, settings))
+        )
+
+        async def one(text: str, target: Target) -> None:
+            async def load() -> Fetched:
+                result = (await batch)[unique.index((target.key.secret_id, target.key.version))]
+                if isinstance(result, BackendFailure):
+                    raise result
+                return _decoded(result, settings)
+
+            try:
+                lookup = await self.cache.get(target.key, target.policy, load)
+                self._answer(text, target.reference, lookup)
+            except SidecarError as exc:
+                failures[text] = exc
+
+        await asyncio.gather(*(one(text, target) for text, target in group))
+        if not batch.done():
+            batch.cancel()
+
+    def status(self) -> dict[str, Any]:
+        """Per-vault counts and ages for ``/v1/status`` and the gauges; never values."""
+        now = self.cache.clock()
+        vaults: dict[str, dict[str, Any]] = {
+            v.prefix: {"backend": v.backend_name, "started": v.started, "entries": 0,
+                       "fresh": 0, "stale": 0, "negative": 0, "oldest_age_seconds": None}
+            for v in self.vaults
+        }  # fmt: skip
+        for key, entry in self.cache.items():
+            row = vaults.get(key.vault)
+            if row is None:
+                continue
+            row["entries"] += 1
+            if entry.is_negative(now):
+                row["negative"] += 1
+            elif entry.is_fresh(now):
+                row["fresh"] += 1
+            elif entry.fetched is not None:
+                row["stale"] += 1
+            if entry.fetched is not None:
+                age = round(now - entry.fetched_at, 3)
+                row["oldest_age_seconds"] = max(row["oldest_age_seconds"] or 0.0, age)
+        cache = {"entries": len(self.cache), "max_entries": self.cache.max_entries}
+        return {"cache": cache, "vaults": vaults}
+
+    def _answer(self, text: str, reference: Reference, lookup: Lookup) -> Answer:
+        value = lookup.fetched.value
+        if reference.key is not None:
+            value = extract_key(value, reference.key)
+        version = lookup.fetched.version
+        if version is None and reference.version is not None:
+            version = str(reference.version)
+        return Answer(text, value, version, lookup)
+
+    async def _call(
+        self, vault: Vault, about: dict[str, Any], call: Callable[[], Awaitable[T]]
+    ) -> T:
+        """Run one backend call: retries, a deadline, one metric and one log line.
+
+        Transient failures are retried here, with exponential backoff and full
+        jitter, so backends make single attempts and retry policy lives in one place.
+        """
+        d = self.defaults
+        timeout = d.backend_timeout
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(lambda exc: isinstance(exc, BackendFailure) and exc.transient),
+            stop=stop_after_attempt(1 + d.backend_retries),
+            wait=wait_random_exponential(multiplier=d.retry_backoff, max=d.retry_backoff_max),
+            reraise=True,
+        )
+        started = time.perf_counter()
+        outcome = "ok"
+        try:
+            async with asyncio.timeout(timeout):
+                await vault.ensure_started()
+                async for attempt in retrying:
+                    with attempt:
+                        result = await call()
+        except TimeoutError:
+            outcome = "backend_timeout"
+            raise BackendTimeout(
+                f"vault {vault.prefix!r} did not answer within {timeout:g} s"
+            ) from None
+        except BackendFailure as exc:
+            outcome = exc.code
+            raise
+        except Exception as exc:
+            outcome = "backend_error"
+            raise BackendError(
+                f"vault {vault.prefix!r} failed unexpectedly ({type(exc).__name__})"
+            ) from exc
+        finally:
+            elapsed = time.perf_counter() - started
+            labels = (vault.prefix, vault.backend_name, outcome)
+            self.metrics.backend_calls.labels(*labels).inc()
+            self.metrics.backend_duration.labels(*labels).observe(elapsed)
+            log.info(
+                "backend.call",
+                vault=vault.prefix,
+                backend=vault.backend_name,
+                outcome=outcome,
+                duration_ms=round(elapsed * 1000, 3),
+                **about,
+            )
+        return result
+
+
+def _decoded(fetched: Fetched, settings: VaultSettings) -> Fetched:
+    return decode_base64(fetched) if settings.base64_decode else fetched

@@ -1,0 +1,240 @@
+"""The socket API (design.md section 4): aiohttp handlers, limits and error mapping.
+
+Every error leaves through ``_errors`` as ``{"error": {"code", "message"}}`` with
+its status: ours carry their code; anything else becomes a bare 500 with no
+detail, so no exception text (which could quote a value) reaches a caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from sidecar.access import AccessPolicy, Peer
+from sidecar.errors import (
+    Forbidden,
+    InvalidRequest,
+    PayloadTooLarge,
+    SidecarError,
+    TooManyRequests,
+)
+from sidecar.logging import get_logger
+from sidecar.metrics import CONTENT_TYPE, Metrics
+from sidecar.resolver import Answer, Resolver
+
+log = get_logger("sidecar.server")
+audit = get_logger("sidecar.audit")
+
+MAX_BODY = 1024 * 1024
+MAX_BATCH = 1000
+MAX_REFERENCE = 4096
+UNLIMITED = frozenset({"/healthz", "/readyz"})  # must answer even when saturated
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class State:
+    """What the handlers read; lifecycle swaps ``resolver``/``access`` on reload."""
+
+    resolver: Resolver
+    access: AccessPolicy
+    metrics: Metrics
+    max_concurrent: int
+    ready: bool = False
+    not_ready: dict[str, str] = field(default_factory=dict)
+    in_flight: int = 0
+
+
+STATE = web.AppKey("state", State)
+
+
+def _state(request: web.Request) -> State:
+    return request.app[STATE]
+
+
+def _peer(request: web.Request) -> Peer:
+    transport = request.transport
+    return Peer.of(transport.get_extra_info("socket") if transport else None)
+
+
+def _error(exc: SidecarError) -> web.Response:
+    return web.json_response(exc.to_json(), status=exc.status)
+
+
+@web.middleware
+async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """One log line and one metric per request, whatever happened inside."""
+    started = time.perf_counter()
+    resource = request.match_info.route.resource
+    endpoint = resource.canonical if resource is not None else "unmatched"
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    finally:
+        elapsed = time.perf_counter() - started
+        metrics = _state(request).metrics
+        metrics.requests.labels(endpoint, str(status)).inc()
+        metrics.request_duration.labels(endpoint).observe(elapsed)
+        log.info(
+            "request",
+            method=request.method,
+            endpoint=endpoint,
+            status=status,
+            duration_ms=round(elapsed * 1000, 3),
+        )
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except SidecarError as exc:
+        return _error(exc)
+    except web.HTTPRequestEntityTooLarge:
+        return _error(PayloadTooLarge(f"request body exceeds {MAX_BODY} bytes"))
+    except web.HTTPException as exc:
+        body = {"error": {"code": "invalid_request", "message": exc.reason}}
+        return web.json_response(body, status=exc.status)
+    except Exception as exc:
+        log.error("request.failed", error_type=type(exc).__name__)
+        body = {"error": {"code": "internal_error", "message": "internal error"}}
+        return web.json_response(body, status=500)
+
+
+@web.middleware
+async def _limit(request: web.Request, handler: Handler) -> web.StreamResponse:
+    state = _state(request)
+    if request.path in UNLIMITED:
+        return await handler(request)
+    if state.in_flight >= state.max_concurrent:
+        raise TooManyRequests(f"more than {state.max_concurrent} requests in flight")
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise PayloadTooLarge(f"request body exceeds {MAX_BODY} bytes")
+    state.in_flight += 1
+    try:
+        return await handler(request)
+    finally:
+        state.in_flight -= 1
+
+
+def _check_length(ref: str) -> None:
+    if len(ref.encode("utf-8", "surrogatepass")) > MAX_REFERENCE:
+        raise InvalidRequest(f"reference longer than {MAX_REFERENCE} bytes")
+
+
+async def _read(state: State, peer: Peer, ref: str, *, force: bool = False) -> Answer:
+    """Resolve one reference for one peer: length, parse, access, cache, audit."""
+    _check_length(ref)
+    target = state.resolver.target(ref)
+    state.access.check(peer, target.reference)
+    answer = await state.resolver.resolve_target(ref, target, force=force)
+    audit.info(
+        "secret.read",
+        ref=ref,
+        vault=target.vault.prefix,
+        uid=peer.uid,
+        gid=peer.gid,
+        pid=peer.pid,
+        cache=answer.lookup.result.value,
+    )
+    return answer
+
+
+def _single_ref(request: web.Request) -> str:
+    refs = request.query.getall("ref", [])
+    if len(refs) != 1:
+        raise InvalidRequest("exactly one 'ref' query parameter is required")
+    return refs[0]
+
+
+async def get_secret(request: web.Request) -> web.Response:
+    state = _state(request)
+    answer = await _read(state, _peer(request), _single_ref(request))
+    return web.json_response(answer.to_json())
+
+
+async def batch(request: web.Request) -> web.Response:
+    state = _state(request)
+    try:
+        body = await request.json(loads=json.loads)
+    except ValueError:
+        raise InvalidRequest('body must be JSON: {"refs": [...]}') from None
+    refs = body.get("refs") if isinstance(body, dict) else None
+    if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
+        raise InvalidRequest('body must be {"refs": [<reference string>, ...]}')
+    if len(refs) > MAX_BATCH:
+        raise InvalidRequest(f"at most {MAX_BATCH} references per batch, got {len(refs)}")
+    peer = _peer(request)
+
+    async def one(ref: str) -> dict[str, Any]:
+        try:
+            return (await _read(state, peer, ref)).to_json()
+        except SidecarError as exc:
+            return {"ref": ref, **exc.to_json()}
+
+    results = await asyncio.gather(*(one(ref) for ref in refs))
+    return web.json_response({"results": results})
+
+
+async def refresh(request: web.Request) -> web.Response:
+    state = _state(request)
+    peer = _peer(request)
+    refs = request.query.getall("ref", [])
+    if not refs:
+        if not state.access.allows(peer, "*", "*"):
+            raise Forbidden("refreshing everything needs a client rule allowing '*'")
+        return web.json_response({"refreshed": await state.resolver.refresh_all()})
+    results = []
+    for ref in refs:
+        answer = await _read(state, peer, ref, force=True)
+        results.append({k: v for k, v in answer.to_json().items() if k != "value"})
+    return web.json_response({"refreshed": results})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    state = _state(request)
+    if state.ready:
+        return web.json_response({"ready": True})
+    return web.json_response({"ready": False, "missing": state.not_ready}, status=503)
+
+
+async def status(request: web.Request) -> web.Response:
+    state = _state(request)
+    return web.json_response({"ready": state.ready, **state.resolver.status()})
+
+
+def build_app(state: State) -> web.Application:
+    app = web.Application(middlewares=[_observe, _errors, _limit], client_max_size=MAX_BODY)
+    app[STATE] = state
+    app.router.add_get("/v1/secrets", get_secret)
+    app.router.add_post("/v1/secrets:batch", batch)
+    app.router.add_post("/v1/refresh", refresh)
+    app.router.add_get("/v1/status", status)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+
+def build_metrics_app(metrics: Metrics, before_scrape: Callable[[], None]) -> web.Application:
+    """The TCP ``/metrics`` listener for Prometheus; nothing else is served on TCP."""
+
+    async def scrape(request: web.Request) -> web.Response:
+        before_scrape()
+        return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    app = web.Application()
+    app.router.add_get("/metrics", scrape)
+    return app

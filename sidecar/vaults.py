@@ -1,0 +1,155 @@
+"""Named vaults: which backend a reference's name means, with which settings.
+
+A reference's name is either a vault entity's prefix or a backend name used
+directly. Settings are layered, highest first: the reference's query, the vault
+entity's config, ``KONG_VAULT_<NAME>_<FIELD>`` environment variables (as Kong
+reads them, so a Kong data plane's environment works unchanged), the defaults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from sidecar.backends import BACKEND_NAMES, Backend, BackendKind, VaultSettings, load_kind
+from sidecar.config import VaultEntity, describe_errors
+from sidecar.errors import ConfigError, InvalidReference, UnknownVault
+
+
+def env_base_config(
+    backend: str, settings: type[VaultSettings], environ: Mapping[str, str]
+) -> dict[str, str]:
+    """Kong's base config: ``KONG_VAULT_<BACKEND>_<FIELD>``, dashes as underscores."""
+    stem = "KONG_VAULT_" + backend.upper().replace("-", "_") + "_"
+    base = {}
+    for name in settings.model_fields:
+        value = environ.get(stem + name.upper().replace("-", "_"))
+        if value is not None:
+            base[name] = value
+    return base
+
+
+@dataclass(eq=False)
+class Vault:
+    """One configured (or implicit) vault and its backend instance."""
+
+    prefix: str
+    kind: BackendKind
+    raw: Mapping[str, Any]  # env base config overlaid with the entity's config
+    settings: VaultSettings
+    backend: Backend
+    entity: VaultEntity | None = None
+    started: bool = False
+    _start_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def backend_name(self) -> str:
+        return self.kind.name
+
+    @classmethod
+    def build(
+        cls, prefix: str, kind: BackendKind, entity: VaultEntity | None, environ: Mapping[str, str]
+    ) -> Vault:
+        raw = {**env_base_config(kind.name, kind.settings, environ)}
+        if entity is not None:
+            raw.update(entity.config)
+        try:
+            settings = kind.settings.model_validate(raw)
+        except ValidationError as exc:
+            where = f"vault {prefix!r} ({kind.name}) config"
+            raise ConfigError(describe_errors(exc, where, kind.settings.secret_fields)) from exc
+        return cls(prefix, kind, raw, settings, kind.create(prefix), entity)
+
+    def settings_for(self, query: Mapping[str, Any] | None) -> VaultSettings:
+        """The effective settings for one reference; query fields override ours."""
+        if not query:
+            return self.settings
+        try:
+            return self.kind.settings.model_validate({**self.raw, **query})
+        except ValidationError as exc:
+            where = f"reference query for vault {self.prefix!r}"
+            raise InvalidReference(
+                describe_errors(exc, where, self.kind.settings.secret_fields)
+            ) from exc
+
+    async def ensure_started(self) -> None:
+        """Start the backend once; concurrent first uses wait for the same start."""
+        if self.started:
+            return
+        async with self._start_lock:
+            if not self.started:
+                await self.backend.start()
+                self.started = True
+
+    def same_as(self, other: Vault) -> bool:
+        """Unchanged across a reload: same backend, same entity, same resolved raw config."""
+        return (
+            self.kind.name == other.kind.name
+            and self.raw == other.raw
+            and (self.entity.model_dump() if self.entity else None)
+            == (other.entity.model_dump() if other.entity else None)
+        )
+
+
+class VaultRegistry:
+    """The vaults of one configuration. Backend names used directly are made on first use."""
+
+    def __init__(
+        self, entities: tuple[VaultEntity, ...], environ: Mapping[str, str] | None = None
+    ) -> None:
+        self._environ = os.environ if environ is None else environ
+        self._vaults: dict[str, Vault] = {
+            e.prefix: Vault.build(e.prefix, load_kind(e.name), e, self._environ) for e in entities
+        }
+
+    def __iter__(self) -> Iterator[Vault]:
+        return iter(list(self._vaults.values()))
+
+    def get(self, name: str) -> Vault:
+        vault = self._vaults.get(name)
+        if vault is not None:
+            return vault
+        if name in BACKEND_NAMES:
+            try:
+                vault = Vault.build(name, load_kind(name), None, self._environ)
+            except ConfigError as exc:
+                raise UnknownVault(f"vault {name!r} cannot be used: {exc.message}") from exc
+            self._vaults[name] = vault
+            return vault
+        raise UnknownVault(f"no vault with prefix or backend name {name!r}")
+
+    def adopt_unchanged(self, old: VaultRegistry) -> list[Vault]:
+        """Keep the old instance of every vault that did not change; return the rest of old.
+
+        Reusing the instance keeps its started clients and its cache entries.
+        """
+        retired = []
+        for prefix, previous in old._vaults.items():
+            current = self._vaults.get(prefix)
+            if current is None and previous.entity is None:
+                self._vaults[prefix] = previous  # implicit vault: still valid
+            elif current is not None and current.same_as(previous):
+                self._vaults[prefix] = previous
+            else:
+                retired.append(previous)
+        return retired
+
+    async def start(self) -> None:
+        await asyncio.gather(*(vault.ensure_started() for vault in self))
+
+    async def close(self) -> None:
+        await close_vaults(list(self))
+
+
+async def close_vaults(vaults: list[Vault]) -> None:
+    """Close backends in reverse order of creation; one failing close does not stop the rest."""
+    for vault in reversed(vaults):
+        try:
+            await vault.backend.close()
+        except Exception:  # noqa: S112 - shutdown must reach every backend
+            continue
