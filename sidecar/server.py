@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
 from aiohttp import web
 
 from sidecar.access import AccessPolicy, Peer
@@ -71,6 +72,7 @@ def _error(exc: SidecarError) -> web.Response:
 @web.middleware
 async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     """One log line and one metric per request, whatever happened inside."""
+    structlog.contextvars.clear_contextvars()
     started = time.perf_counter()
     resource = request.match_info.route.resource
     endpoint = resource.canonical if resource is not None else "unmatched"
@@ -132,21 +134,28 @@ def _check_length(ref: str) -> None:
 
 
 async def _read(state: State, peer: Peer, ref: str, *, force: bool = False) -> Answer:
-    """Resolve one reference for one peer: length, parse, access, cache, audit."""
+    """Resolve one reference for one peer: length, parse, access, cache, audit.
+
+    The audit event names who asked for what and how it went, never the value.
+    """
     _check_length(ref)
-    target = state.resolver.target(ref)
-    state.access.check(peer, target.reference)
-    answer = await state.resolver.resolve_target(ref, target, force=force)
-    audit.info(
-        "secret.read",
-        ref=ref,
-        vault=target.vault.prefix,
-        uid=peer.uid,
-        gid=peer.gid,
-        pid=peer.pid,
-        cache=answer.lookup.result.value,
-    )
-    return answer
+    outcome, vault = "ok", None
+    try:
+        target = state.resolver.target(ref)
+        vault = target.vault.prefix
+        state.access.check(peer, target.reference)
+        answer = await state.resolver.resolve_target(ref, target, force=force)
+        outcome = answer.lookup.result.value
+        return answer
+    except SidecarError as exc:
+        outcome = exc.code
+        raise
+    finally:
+        structlog.contextvars.bind_contextvars(vault=vault, cache=outcome)
+        audit.info(
+            "secret.read", ref=ref, vault=vault, uid=peer.uid, gid=peer.gid, pid=peer.pid,
+            outcome=outcome,
+        )  # fmt: skip
 
 
 def _single_ref(request: web.Request) -> str:

@@ -1,0 +1,190 @@
+"""Cache arithmetic on a manual clock: ttl, neg_ttl, resurrect_ttl, single-flight, LRU."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from sidecar.backends.base import Fetched, VaultSettings
+from sidecar.cache import Cache, LookupResult, Policy, SecretKey
+from sidecar.errors import BackendUnavailable, SecretNotFound
+from tests.support import ManualClock
+
+POLICY = Policy(ttl=60, neg_ttl=10, resurrect_ttl=100)
+
+
+def key(secret_id: str = "db") -> SecretKey:
+    return SecretKey("vault", secret_id, None, VaultSettings())
+
+
+class Backend:
+    """A loader that counts calls and answers what the test scripts."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.value = "v1"
+        self.failure: Exception | None = None
+        self.gate: asyncio.Event | None = None
+
+    async def load(self) -> Fetched:
+        self.calls += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.failure is not None:
+            raise self.failure
+        return Fetched(self.value)
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+def cache(clock: ManualClock) -> Cache:
+    return Cache(max_entries=3, clock=clock)
+
+
+async def test_fresh_value_is_served_from_cache_until_ttl(cache: Cache, clock: ManualClock) -> None:
+    """Within ttl the backend is not asked again, and age/expiry follow the clock."""
+    backend = Backend()
+    first = await cache.get(key(), POLICY, backend.load)
+    clock.advance(59)
+    second = await cache.get(key(), POLICY, backend.load)
+    assert (first.result, second.result) == (LookupResult.MISS, LookupResult.HIT)
+    assert backend.calls == 1
+    assert second.age == 59
+    assert second.expires_in == 1
+    clock.advance(1)
+    third = await cache.get(key(), POLICY, backend.load)
+    assert third.result is LookupResult.MISS
+    assert backend.calls == 2
+
+
+async def test_transient_failure_serves_last_value_until_resurrect_ttl(
+    cache: Cache, clock: ManualClock
+) -> None:
+    """After expiry a failing backend yields the stale value for resurrect_ttl, then the error."""
+    backend = Backend()
+    await cache.get(key(), POLICY, backend.load)
+    backend.failure = BackendUnavailable("down")
+    clock.advance(60 + 99)
+    stale = await cache.get(key(), POLICY, backend.load)
+    assert stale.result is LookupResult.STALE
+    assert stale.stale
+    assert stale.cached
+    assert stale.fetched.value == "v1"
+    assert stale.expires_in == -99
+    clock.advance(1)
+    with pytest.raises(BackendUnavailable):
+        await cache.get(key(), POLICY, backend.load)
+
+
+async def test_recovery_after_stale_replaces_value(cache: Cache, clock: ManualClock) -> None:
+    """Once the backend answers again the new value is served fresh."""
+    backend = Backend()
+    await cache.get(key(), POLICY, backend.load)
+    backend.failure = BackendUnavailable("down")
+    clock.advance(61)
+    assert (await cache.get(key(), POLICY, backend.load)).stale
+    backend.failure, backend.value = None, "v2"
+    fresh = await cache.get(key(), POLICY, backend.load)
+    assert (fresh.fetched.value, fresh.stale) == ("v2", False)
+
+
+async def test_permanent_failure_is_remembered_for_neg_ttl(
+    cache: Cache, clock: ManualClock
+) -> None:
+    """A not-found answer is not asked again before neg_ttl, and is after it."""
+    backend = Backend()
+    backend.failure = SecretNotFound("nope")
+    for _ in range(3):
+        with pytest.raises(SecretNotFound):
+            await cache.get(key(), POLICY, backend.load)
+    assert backend.calls == 1
+    clock.advance(10)
+    backend.failure = None
+    assert (await cache.get(key(), POLICY, backend.load)).fetched.value == "v1"
+    assert backend.calls == 2
+
+
+async def test_permanent_failure_after_value_drops_the_value(
+    cache: Cache, clock: ManualClock
+) -> None:
+    """A secret deleted in the backend stops being served once its ttl is over."""
+    backend = Backend()
+    await cache.get(key(), POLICY, backend.load)
+    clock.advance(60)
+    backend.failure = SecretNotFound("deleted")
+    with pytest.raises(SecretNotFound):
+        await cache.get(key(), POLICY, backend.load)
+
+
+async def test_concurrent_misses_share_one_load(cache: Cache) -> None:
+    """100 concurrent requests for an uncached key make exactly one backend call."""
+    backend = Backend()
+    backend.gate = asyncio.Event()
+    waiters = [asyncio.create_task(cache.get(key(), POLICY, backend.load)) for _ in range(100)]
+    await asyncio.sleep(0)
+    backend.gate.set()
+    results = await asyncio.gather(*waiters)
+    assert backend.calls == 1
+    assert {r.fetched.value for r in results} == {"v1"}
+
+
+async def test_cancelled_caller_does_not_cancel_shared_load(cache: Cache) -> None:
+    """A caller that goes away leaves the load running for the others."""
+    backend = Backend()
+    backend.gate = asyncio.Event()
+    first = asyncio.create_task(cache.get(key(), POLICY, backend.load))
+    second = asyncio.create_task(cache.get(key(), POLICY, backend.load))
+    await asyncio.sleep(0)
+    first.cancel()
+    backend.gate.set()
+    assert (await second).fetched.value == "v1"
+    assert backend.calls == 1
+
+
+async def test_force_reloads_a_fresh_value(cache: Cache) -> None:
+    """A forced lookup asks the backend even while the value is fresh."""
+    backend = Backend()
+    await cache.get(key(), POLICY, backend.load)
+    backend.value = "v2"
+    forced = await cache.get(key(), POLICY, backend.load, force=True)
+    assert (forced.fetched.value, backend.calls) == ("v2", 2)
+
+
+async def test_least_recently_used_entry_is_evicted(cache: Cache) -> None:
+    """With max_entries=3, touching a, then adding d evicts b (the least recently used)."""
+    backend = Backend()
+    for name in "abc":
+        await cache.get(key(name), POLICY, backend.load)
+    await cache.get(key("a"), POLICY, backend.load)
+    await cache.get(key("d"), POLICY, backend.load)
+    assert {k.secret_id for k, _ in cache.items()} == {"a", "c", "d"}
+    assert backend.calls == 4
+
+
+async def test_observer_sees_each_lookup_result(clock: ManualClock) -> None:
+    """Every lookup reports exactly one result, which the metrics count."""
+    seen: list[LookupResult] = []
+    cache = Cache(max_entries=10, clock=clock, observe=seen.append)
+    backend = Backend()
+    await cache.get(key(), POLICY, backend.load)
+    await cache.get(key(), POLICY, backend.load)
+    backend.failure = SecretNotFound("x")
+    with pytest.raises(SecretNotFound):
+        await cache.get(key("other"), POLICY, backend.load)
+    with pytest.raises(SecretNotFound):
+        await cache.get(key("other"), POLICY, backend.load)
+    assert seen == [LookupResult.MISS, LookupResult.HIT, LookupResult.MISS, LookupResult.NEGATIVE]
+
+
+async def test_drop_removes_matching_entries(cache: Cache) -> None:
+    """Dropping a vault's entries forces the next lookup to the backend."""
+    backend = Backend()
+    await cache.get(key(), POLICY, backend.load)
+    assert cache.drop(lambda k: k.vault == "vault") == 1
+    await cache.get(key(), POLICY, backend.load)
+    assert backend.calls == 2
