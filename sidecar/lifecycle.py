@@ -220,13 +220,12 @@ async def serve(
     listen = config.listen
     sock = bind_unix_socket(listen)
     inode = os.lstat(listen.socket).st_ino
-    api = web.AppRunner(
-        build_app(daemon.state), access_log=None, shutdown_timeout=listen.drain_timeout
-    )
+    api = web.AppRunner(build_app(daemon.state), access_log=None, shutdown_timeout=1.0)
     scrape: web.AppRunner | None = None
     try:
         await api.setup()
-        await web.SockSite(api, sock).start()
+        site = web.SockSite(api, sock)
+        await site.start()
         scrape = await _start_metrics(daemon, config)
         if handle_signals:
             loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -243,6 +242,14 @@ async def serve(
         for waiter in pending:
             waiter.cancel()
         log.info("draining", in_flight=daemon.state.in_flight, timeout_seconds=listen.drain_timeout)
+        # Stop accepting, then let in-flight requests finish while their connections
+        # stay fully open (aiohttp's own shutdown stops reading request bodies).
+        await site.stop()
+        try:
+            async with asyncio.timeout(listen.drain_timeout):
+                await daemon.state.idle.wait()
+        except TimeoutError:
+            log.warning("drain.timeout", in_flight=daemon.state.in_flight)
     finally:
         if handle_signals:
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

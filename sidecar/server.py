@@ -35,7 +35,7 @@ audit = get_logger("sidecar.audit")
 MAX_BODY = 1024 * 1024
 MAX_BATCH = 1000
 MAX_REFERENCE = 4096
-UNLIMITED = frozenset({"/healthz", "/readyz"})  # must answer even when saturated
+UNLIMITED = frozenset({"/healthz", "/readyz", "/v1/status"})  # answer even when saturated
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -51,6 +51,10 @@ class State:
     ready: bool = False
     not_ready: dict[str, str] = field(default_factory=dict)
     in_flight: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set when in_flight is 0
+
+    def __post_init__(self) -> None:
+        self.idle.set()
 
 
 STATE = web.AppKey("state", State)
@@ -122,10 +126,13 @@ async def _limit(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise PayloadTooLarge(f"request body exceeds {MAX_BODY} bytes")
     state.in_flight += 1
+    state.idle.clear()
     try:
         return await handler(request)
     finally:
         state.in_flight -= 1
+        if state.in_flight == 0:
+            state.idle.set()
 
 
 def _check_length(ref: str) -> None:
@@ -222,7 +229,8 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def status(request: web.Request) -> web.Response:
     state = _state(request)
-    return web.json_response({"ready": state.ready, **state.resolver.status()})
+    body = {"ready": state.ready, "requests_in_flight": state.in_flight}
+    return web.json_response(body | state.resolver.status())
 
 
 def build_app(state: State) -> web.Application:
