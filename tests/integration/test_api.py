@@ -103,7 +103,7 @@ async def test_invalid_requests(
     daemon: Daemon, method: str, path: str, kwargs: dict[str, object], status: int, message: str
 ) -> None:
     """Malformed requests get invalid_request (or the route's status) as JSON, not HTML."""
-    got_status, body = await daemon.request(method, path, **kwargs)  # type: ignore[arg-type]
+    got_status, body = await daemon.request(method, path, **kwargs)
     assert got_status == status
     assert body["error"]["code"] == "invalid_request"
     assert message in body["error"]["message"]

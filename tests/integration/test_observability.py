@@ -1,0 +1,132 @@
+"""Metrics, logs and the rule that no secret value ever leaves except as an answer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from typing import Any
+
+import aiohttp
+
+from tests.integration.conftest import MakeDaemon
+from tests.integration.harness import Daemon, require_program
+
+CANARY = "canary-7f3a9c-do-not-log"
+CANARY_JSON = json.dumps({"user": "u", "password": CANARY})
+
+
+async def scrape(daemon: Daemon) -> str:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{daemon.metrics_port}/metrics") as response,
+    ):
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        return await response.text()
+
+
+async def test_metrics_pass_promtool_and_have_the_design_families(daemon: Daemon) -> None:
+    """/metrics is valid Prometheus text with every family of design.md section 7."""
+    promtool = require_program("promtool")
+    await daemon.get("{vault://env/db-password}")
+    await daemon.get("{vault://env/db-password}")
+    await daemon.get("{vault://env/absent}")
+    text = await scrape(daemon)
+    check = await asyncio.create_subprocess_exec(
+        promtool, "check", "metrics",
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(check.communicate(text.encode()), 30)
+    assert check.returncode == 0, out.decode()
+    for family in (
+        "secret_sidecar_requests_total",
+        "secret_sidecar_request_duration_seconds_bucket",
+        "secret_sidecar_cache_lookups_total",
+        "secret_sidecar_backend_calls_total",
+        "secret_sidecar_backend_call_duration_seconds_bucket",
+        "secret_sidecar_refreshes_total",
+        "secret_sidecar_rotations_total",
+        "secret_sidecar_cache_entries",
+        "secret_sidecar_oldest_value_age_seconds",
+        "secret_sidecar_ready",
+        "secret_sidecar_build_info",
+    ):
+        assert f"# TYPE {family.removesuffix('_bucket').removesuffix('_total')}" in text, family
+    assert 'secret_sidecar_cache_lookups_total{result="hit"} 1.0' in text
+    assert 'secret_sidecar_cache_lookups_total{result="miss"} 2.0' in text
+    assert (
+        'secret_sidecar_backend_calls_total{backend="env",outcome="not_found",vault="env"} 1.0'
+        in text
+    )
+    assert "secret_sidecar_cache_entries 2.0" in text
+    assert "secret_sidecar_ready 1.0" in text
+
+
+async def test_metrics_can_be_disabled(make_daemon: MakeDaemon) -> None:
+    """metrics.address "" opens no TCP port."""
+    daemon = await make_daemon({"metrics": {"address": ""}}).started()
+    try:
+        await scrape(daemon)
+    except aiohttp.ClientConnectionError:
+        return
+    raise AssertionError("metrics answered although disabled")
+
+
+async def test_one_log_line_per_request_and_backend_call_and_an_audit_event(
+    daemon: Daemon,
+) -> None:
+    """Each read logs the request, the backend call and an audit event naming the peer."""
+    await daemon.get("{vault://env/db-password}")
+    events = daemon.log_events()
+    by_event = {e["event"]: e for e in events}
+    request = [e for e in events if e["event"] == "request" and e["endpoint"] == "/v1/secrets"]
+    assert len(request) == 1
+    assert request[0]["status"] == 200
+    assert (request[0]["vault"], request[0]["cache"]) == ("env", "miss")
+    assert by_event["backend.call"]["outcome"] == "ok"
+    audit = by_event["secret.read"]
+    assert audit["ref"] == "{vault://env/db-password}"
+    assert isinstance(audit["uid"], int)
+    assert isinstance(audit["pid"], int)
+
+
+async def _every_path(daemon: Daemon) -> list[Any]:
+    """Touch the canary through every endpoint and error path; return all bodies."""
+    refs = [
+        "{vault://env/canary}",
+        "{vault://env/canary-json/password}",
+        "{vault://env/canary-json/nokey}",
+        "{vault://env/canary/key}",  # not JSON: the error must not quote the value
+        "{vault://env/canary?base64_decode}",  # not base64: same
+        "{vault://env/canary-json/user?ttl=bad}",
+    ]
+    bodies = [(await daemon.get(ref))[1] for ref in refs]
+    bodies.append((await daemon.request("POST", "/v1/secrets:batch", json_body={"refs": refs}))[1])
+    bodies.append((await daemon.request("POST", "/v1/refresh", params={"ref": refs[0]}))[1])
+    bodies.append((await daemon.request("POST", "/v1/refresh"))[1])
+    bodies.append((await daemon.request("GET", "/v1/status"))[1])
+    bodies.append((await daemon.request("GET", "/readyz"))[1])
+    return bodies
+
+
+async def test_canary_secret_never_appears_in_logs_metrics_or_errors(
+    make_daemon: MakeDaemon,
+) -> None:
+    """The value is in the answers asked for it and nowhere else: logs, metrics, errors."""
+    config = {"prefetch": ["{vault://env/canary}"], "log": {"level": "debug"}}
+    daemon = make_daemon(config, env={"CANARY": CANARY, "CANARY_JSON": CANARY_JSON})
+    await daemon.started()
+    bodies = await _every_path(daemon)
+    answers = [bodies[0], bodies[1]]
+    assert [a["value"] for a in answers] == [CANARY, CANARY]
+    for body in bodies[2:]:
+        text = json.dumps(body)
+        if "results" in body:  # the batch: only the two reads carry it
+            assert text.count(CANARY) == 2
+            continue
+        assert CANARY not in text, body
+    assert CANARY not in await scrape(daemon)
+    daemon.stop()
+    assert CANARY not in daemon.logs()
+    assert "secret.read" in daemon.logs()
