@@ -86,9 +86,11 @@ class Cache:
         max_entries: int,
         clock: Clock = time.monotonic,
         observe: Callable[[LookupResult], None] = lambda result: None,
+        on_change: Callable[[SecretKey], None] = lambda key: None,
     ) -> None:
         self.clock = clock
         self.observe = observe
+        self.on_change = on_change
         self.max_entries = max_entries
         self._entries: OrderedDict[SecretKey, Entry] = OrderedDict()
         self._loads: dict[SecretKey, asyncio.Task[Lookup]] = {}
@@ -152,8 +154,11 @@ class Cache:
             self._store(key, stored)
             raise
         now = self.clock()
+        previous = self._entries.get(key)
         entry = Entry(fetched=fetched, fetched_at=now, expires_at=now + policy.ttl)
         self._store(key, entry)
+        if previous is not None and previous.fetched is not None and previous.fetched != fetched:
+            self.on_change(key)
         return self._lookup(entry, LookupResult.MISS, now)
 
     def _store(self, key: SecretKey, entry: Entry) -> None:

@@ -102,6 +102,7 @@ class Daemon:
             max_entries=config.cache.max_entries,
             clock=clock,
             observe=lambda result: metrics.cache_lookups.labels(result.value).inc(),
+            on_change=lambda key: metrics.rotations.labels(key.vault).inc(),
         )
         resolver = Resolver(VaultRegistry(config.vaults), self.cache, config.cache, metrics)
         self.state = State(

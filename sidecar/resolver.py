@@ -61,7 +61,10 @@ def extract_key(value: str, key: str) -> str:
     return found
 
 
-def decode_base64(fetched: Fetched) -> Fetched:
+def decoded(fetched: Fetched, settings: VaultSettings) -> Fetched:
+    """Apply ``base64_decode`` once, before caching, so every key reads decoded text."""
+    if not settings.base64_decode:
+        return fetched
     try:
         text = base64.b64decode(fetched.value, validate=True).decode("utf-8")
     except (binascii.Error, ValueError):
@@ -129,10 +132,26 @@ class Resolver:
         return await self.resolve_target(text, self.target(text), force=force)
 
     async def resolve_target(self, text: str, target: Target, *, force: bool = False) -> Answer:
-        """Resolve an already bound reference (the server checks access in between)."""
-        lookup = await self.cache.get(
-            target.key, target.policy, lambda: self._fetch(target.vault, target.key), force=force
-        )
+        """Resolve an already bound reference (the server checks access in between).
+
+        ``force`` fetches again even if fresh (a manual refresh) and counts the outcome.
+        """
+        outcome = "ok"
+        try:
+            lookup = await self.cache.get(
+                target.key,
+                target.policy,
+                lambda: self._fetch(target.vault, target.key),
+                force=force,
+            )
+            if lookup.stale:
+                outcome = "stale"
+        except SidecarError as exc:
+            outcome = exc.code
+            raise
+        finally:
+            if force:
+                self.metrics.refreshes.labels(outcome).inc()
         return self._answer(text, target.reference, lookup)
 
     async def refresh_all(self) -> dict[str, int]:
@@ -145,8 +164,11 @@ class Resolver:
                 policy = self.policy(key.settings)
                 await self.cache.get(key, policy, lambda: self._fetch(vault, key), force=True)
             except SidecarError as exc:
-                return exc.code
-            return "ok"
+                outcome = exc.code
+            else:
+                outcome = "ok"
+            self.metrics.refreshes.labels(outcome).inc()
+            return outcome
 
         outcomes = await asyncio.gather(*(one(key) for key in keys))
         counts: dict[str, int] = {}
@@ -161,7 +183,7 @@ class Resolver:
             {"secret_id": key.secret_id, "version": key.version},
             lambda: backend.fetch(key.secret_id, key.version, key.settings),
         )
-        return _decoded(fetched, key.settings)
+        return decoded(fetched, key.settings)
 
     async def resolve_many(self, texts: Sequence[str]) -> list[Answer | SidecarError]:
         """Resolve concurrently, each result or its error, in the order asked."""
@@ -220,7 +242,7 @@ class Resolver:
                 result = (await batch)[unique.index((target.key.secret_id, target.key.version))]
                 if isinstance(result, BackendFailure):
                     raise result
-                return _decoded(result, settings)
+                return decoded(result, settings)
 
             try:
                 lookup = await self.cache.get(target.key, target.policy, load)
@@ -317,7 +339,3 @@ class Resolver:
                 **about,
             )
         return result
-
-
-def _decoded(fetched: Fetched, settings: VaultSettings) -> Fetched:
-    return decode_base64(fetched) if settings.base64_decode else fetched

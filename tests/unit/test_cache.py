@@ -188,3 +188,16 @@ async def test_drop_removes_matching_entries(cache: Cache) -> None:
     assert cache.drop(lambda k: k.vault == "vault") == 1
     await cache.get(key(), POLICY, backend.load)
     assert backend.calls == 2
+
+
+async def test_change_hook_fires_only_when_value_changes(cache: Cache) -> None:
+    """A refetch with the same value is not a rotation; a different value is, once."""
+    changed: list[SecretKey] = []
+    cache.on_change = changed.append
+    backend = Backend()
+    await cache.get(key(), POLICY, backend.load)
+    await cache.get(key(), POLICY, backend.load, force=True)
+    assert changed == []
+    backend.value = "v2"
+    await cache.get(key(), POLICY, backend.load, force=True)
+    assert changed == [key()]
