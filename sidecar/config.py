@@ -84,6 +84,37 @@ class CacheConfig(_Model):
     retry_backoff_max: float = Field(default=2.0, gt=0)
 
 
+class LimitsConfig(_Model):
+    """Backend protection per vault: calls in flight, and a token bucket of calls per second."""
+
+    concurrency: int = Field(default=16, gt=0)
+    rate: float = Field(default=50.0, gt=0)
+    burst: int = Field(default=50, gt=0)
+
+
+class RefreshConfig(_Model):
+    """Background refresh: values are fetched again before their ttl ends."""
+
+    enabled: bool = True
+    window: tuple[float, float] = (0.75, 0.9)  # fraction of ttl, uniform jitter between
+    max_backoff: float = Field(default=60.0, gt=0)  # cap of the retry backoff after failures
+    idle_ttl: float | None = Field(default=None, gt=0)  # unread this long: dropped (3 x ttl)
+
+    @field_validator("window")
+    @classmethod
+    def _fractions(cls, window: tuple[float, float]) -> tuple[float, float]:
+        low, high = window
+        if not 0 < low <= high < 1:
+            raise ValueError("must be two fractions of ttl with 0 < low <= high < 1")
+        return window
+
+
+class WatchConfig(_Model):
+    heartbeat: float = Field(default=15.0, gt=0)  # seconds between keep-alive comments
+    queue: int = Field(default=64, gt=0)  # events buffered per watcher before it is dropped
+    max_watchers: int = Field(default=256, gt=0)
+
+
 class VaultEntity(_Model):
     """Kong's vault entity. ``id``/timestamps from a decK dump are accepted and unused."""
 
@@ -92,6 +123,7 @@ class VaultEntity(_Model):
     description: str | None = None
     config: dict[str, Any] = Field(default_factory=dict)
     tags: tuple[str, ...] | None = None
+    limits: LimitsConfig | None = None  # ours, not Kong's: default is the top-level limits
     id: str | None = None
     created_at: int | None = None
     updated_at: int | None = None
@@ -126,6 +158,9 @@ class Config(_Model):
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
     cache: CacheConfig = CacheConfig()
+    refresh: RefreshConfig = RefreshConfig()
+    limits: LimitsConfig = LimitsConfig()
+    watch: WatchConfig = WatchConfig()
     vaults: tuple[VaultEntity, ...] = ()
     prefetch: tuple[str, ...] = ()
     clients: tuple[ClientRule, ...] = ()

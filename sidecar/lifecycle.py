@@ -16,21 +16,23 @@ import signal
 import socket
 import stat
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 
 from aiohttp import web
 
 from sidecar import logging as sidecar_logging
 from sidecar.access import AccessPolicy
-from sidecar.cache import Cache
+from sidecar.cache import Cache, Change, Entry, Health, Schedule, SecretKey
 from sidecar.config import Config, ListenConfig
-from sidecar.errors import ConfigError, StartupError
+from sidecar.errors import ConfigError, SidecarError, StartupError
 from sidecar.logging import get_logger
 from sidecar.metrics import Metrics
+from sidecar.refresh import Refresher
 from sidecar.resolver import Resolver
 from sidecar.server import State, build_app, build_metrics_app
 from sidecar.vaults import VaultRegistry, close_vaults
+from sidecar.watch import EventBus
 
 log = get_logger("sidecar.lifecycle")
 
@@ -98,29 +100,64 @@ class Daemon:
     def __init__(self, config: Config, metrics: Metrics, clock: Callable[[], float]) -> None:
         self.config = config
         self.metrics = metrics
+        self.events = EventBus()
         self.cache = Cache(
             max_entries=config.cache.max_entries,
             clock=clock,
+            schedule=_schedule(config),
             observe=lambda result: metrics.cache_lookups.labels(result.value).inc(),
-            on_change=lambda key: metrics.rotations.labels(key.vault).inc(),
+            on_change=self._changed,
         )
-        resolver = Resolver(VaultRegistry(config.vaults), self.cache, config.cache, metrics)
+        resolver = Resolver(
+            VaultRegistry(config.vaults, limits=config.limits), self.cache, config.cache, metrics
+        )
         self.state = State(
-            resolver, AccessPolicy(config.clients), metrics, config.listen.max_concurrent_requests
+            resolver,
+            AccessPolicy(config.clients),
+            metrics,
+            config.listen.max_concurrent_requests,
+            self.events,
+            config.watch,
         )
-        self._readiness: asyncio.Task[None] | None = None
+        self.refresher = Refresher(lambda: self.state.resolver, self.cache, config.refresh.idle_ttl)
+        self._pinned: list[SecretKey] = []
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    def _changed(self, key: SecretKey, change: Change, entry: Entry) -> None:
+        """One log line per transition (not per attempt), metrics, and watcher events."""
+        if change is Change.ROTATED:
+            self.metrics.rotations.labels(key.vault).inc()
+        failure = entry.failure
+        level = log.warning if change in (Change.STALE, Change.FAILED) else log.info
+        level(
+            f"secret.{change.value}",
+            vault=key.vault,
+            secret_id=key.secret_id,
+            version=key.version,
+            error=failure.message if failure is not None and change is not Change.ROTATED else None,
+        )
+        self.events.publish(key, change, entry)
 
     def update_gauges(self) -> None:
         self.metrics.entries.set(len(self.cache))
         self.metrics.ready.set(1 if self.state.ready else 0)
+        self.metrics.watchers.set(len(self.events))
         for prefix, row in self.state.resolver.status()["vaults"].items():
             self.metrics.oldest_age.labels(prefix).set(row["oldest_age_seconds"] or 0.0)
+            for health in Health:
+                self.metrics.entries_by_health.labels(prefix, health.value).set(row[health.value])
 
-    def become_ready(self) -> None:
-        """(Re)start the task that starts vaults and prefetches until everything is in."""
-        if self._readiness is not None:
-            self._readiness.cancel()
-        self._readiness = asyncio.create_task(self._prepare())
+    def start(self) -> None:
+        """Background work: readiness (vaults, prefetch) and, if enabled, the refresher."""
+        self._restart("readiness", self._prepare())
+        if self.config.refresh.enabled:
+            self._restart("refresh", self.refresher.run())
+
+    def _restart(self, name: str, work: Coroutine[object, object, None]) -> None:
+        previous = self._tasks.get(name)
+        if previous is not None:
+            previous.cancel()
+        self._tasks[name] = asyncio.create_task(work)
 
     async def _prepare(self) -> None:
         state, delay = self.state, 1.0
@@ -134,6 +171,7 @@ class Daemon:
                     missing[f"vault:{vault.prefix}"] = getattr(exc, "message", type(exc).__name__)
             failures = await resolver.prefetch(self.config.prefetch)
             missing.update({f"ref:{ref}": exc.message for ref, exc in failures.items()})
+            self._pin_prefetch(resolver)
             state.not_ready = missing
             state.ready = not missing
             self.metrics.ready.set(1 if state.ready else 0)
@@ -144,21 +182,34 @@ class Daemon:
             await asyncio.sleep(delay)
             delay = min(delay * 2, PREFETCH_RETRY_MAX)
 
+    def _pin_prefetch(self, resolver: Resolver) -> None:
+        """Prefetch references are refreshed even when nobody reads them."""
+        for key in self._pinned:
+            self.cache.unpin(key)
+        self._pinned = []
+        for ref in self.config.prefetch:
+            with contextlib.suppress(SidecarError):
+                self._pinned.append(resolver.target(ref).key)
+        for key in self._pinned:
+            self.cache.pin(key)
+
     async def reload(self, load: Callable[[], Config]) -> None:
         try:
             config = load()
-            vaults = VaultRegistry(config.vaults)
+            vaults = VaultRegistry(config.vaults, limits=config.limits)
         except ConfigError as exc:
             self.metrics.reloads.labels("failed").inc()
             log.error("config.reload_failed", error=exc.message)
             return
         old = self.config
-        if (config.listen, config.metrics) != (old.listen, old.metrics):
-            log.warning("config.restart_needed", reason="listen/metrics changes need a restart")
+        if (config.listen, config.metrics, config.watch) != (old.listen, old.metrics, old.watch):
+            log.warning("config.restart_needed", reason="listen/metrics/watch need a restart")
         retired = vaults.adopt_unchanged(self.state.resolver.vaults)
         gone = {vault.prefix for vault in retired}
         dropped = self.cache.drop(lambda key: key.vault in gone)
         self.cache.resize(config.cache.max_entries)
+        self.cache.schedule = _schedule(config)
+        self.refresher = Refresher(lambda: self.state.resolver, self.cache, config.refresh.idle_ttl)
         self.state.resolver = Resolver(vaults, self.cache, config.cache, self.metrics)
         self.state.access = AccessPolicy(config.clients)
         self.config = config
@@ -166,14 +217,19 @@ class Daemon:
         self.metrics.reloads.labels("ok").inc()
         log.info("config.reloaded", retired_vaults=sorted(gone), dropped_entries=dropped)
         await close_vaults(retired)
-        self.become_ready()
+        self.start()
 
     async def close(self) -> None:
-        if self._readiness is not None:
-            self._readiness.cancel()
+        for task in self._tasks.values():
+            task.cancel()
+        for task in self._tasks.values():
             with contextlib.suppress(asyncio.CancelledError):
-                await self._readiness
+                await task
         await self.state.resolver.vaults.close()
+
+
+def _schedule(config: Config) -> Schedule:
+    return Schedule(window=config.refresh.window, max_backoff=config.refresh.max_backoff)
 
 
 async def _start_metrics(daemon: Daemon, config: Config) -> web.AppRunner | None:
@@ -189,6 +245,19 @@ async def _start_metrics(daemon: Daemon, config: Config) -> web.AppRunner | None
         where = config.metrics.address
         raise StartupError(f"cannot listen for metrics on {where}: {exc}") from exc
     return runner
+
+
+async def _drain(daemon: Daemon, site: web.BaseSite, drain_timeout: float) -> None:
+    """Stop accepting, end watch streams, then let in-flight requests finish while their
+    connections stay fully open (aiohttp's own shutdown stops reading request bodies)."""
+    log.info("draining", in_flight=daemon.state.in_flight, timeout_seconds=drain_timeout)
+    await site.stop()
+    daemon.events.end_all()
+    try:
+        async with asyncio.timeout(drain_timeout):
+            await daemon.state.idle.wait()
+    except TimeoutError:
+        log.warning("drain.timeout", in_flight=daemon.state.in_flight)
 
 
 async def serve(
@@ -233,7 +302,7 @@ async def serve(
             loop.add_signal_handler(signal.SIGINT, stop.set)
             loop.add_signal_handler(signal.SIGHUP, on_hangup)
         log.info("listening", socket=str(listen.socket), metrics=config.metrics.address or None)
-        daemon.become_ready()
+        daemon.start()
         if ready is not None:
             ready.set()
         waiters: list[asyncio.Future[object]] = [asyncio.ensure_future(stop.wait())]
@@ -242,15 +311,7 @@ async def serve(
         _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         for waiter in pending:
             waiter.cancel()
-        log.info("draining", in_flight=daemon.state.in_flight, timeout_seconds=listen.drain_timeout)
-        # Stop accepting, then let in-flight requests finish while their connections
-        # stay fully open (aiohttp's own shutdown stops reading request bodies).
-        await site.stop()
-        try:
-            async with asyncio.timeout(listen.drain_timeout):
-                await daemon.state.idle.wait()
-        except TimeoutError:
-            log.warning("drain.timeout", in_flight=daemon.state.in_flight)
+        await _drain(daemon, site, listen.drain_timeout)
     finally:
         if handle_signals:
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -51,8 +51,20 @@ class Metrics:
             f"{PREFIX}_rotations", "Refreshes that found a changed value, by vault.",
             ["vault"], registry=r,
         )  # fmt: skip
+        self.rate_limited = Counter(
+            f"{PREFIX}_backend_rate_limited", "Backend calls that waited for the rate limit.",
+            ["vault"], registry=r,
+        )  # fmt: skip
         self.entries = Gauge(
             f"{PREFIX}_cache_entries", "Entries in the cache.", registry=r,
+        )  # fmt: skip
+        self.entries_by_health = Gauge(
+            f"{PREFIX}_cache_entries_by_health",
+            "Entries per vault by health: fresh, stale (serving the last value), failed.",
+            ["vault", "health"], registry=r,
+        )  # fmt: skip
+        self.watchers = Gauge(
+            f"{PREFIX}_watchers", "Open /v1/watch streams.", registry=r,
         )  # fmt: skip
         self.oldest_age = Gauge(
             f"{PREFIX}_oldest_value_age_seconds", "Age of the oldest cached value per vault.",

@@ -15,12 +15,13 @@ import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from sidecar.backends import BatchBackend, Fetched, VaultSettings
-from sidecar.cache import Cache, Lookup, Policy, SecretKey
+from sidecar.cache import NEVER, Cache, Lookup, Policy, SecretKey
 from sidecar.config import CacheConfig
 from sidecar.errors import (
     BackendError,
@@ -154,28 +155,6 @@ class Resolver:
                 self.metrics.refreshes.labels(outcome).inc()
         return self._answer(text, target.reference, lookup)
 
-    async def refresh_all(self) -> dict[str, int]:
-        """Fetch every cached secret again now; count outcomes by error code (or ``ok``)."""
-        keys = [key for key, _ in self.cache.items()]
-
-        async def one(key: SecretKey) -> str:
-            try:
-                vault = self.vaults.get(key.vault)
-                policy = self.policy(key.settings)
-                await self.cache.get(key, policy, lambda: self._fetch(vault, key), force=True)
-            except SidecarError as exc:
-                outcome = exc.code
-            else:
-                outcome = "ok"
-            self.metrics.refreshes.labels(outcome).inc()
-            return outcome
-
-        outcomes = await asyncio.gather(*(one(key) for key in keys))
-        counts: dict[str, int] = {}
-        for outcome in outcomes:
-            counts[outcome] = counts.get(outcome, 0) + 1
-        return counts
-
     async def _fetch(self, vault: Vault, key: SecretKey) -> Fetched:
         backend = vault.backend
         fetched = await self._call(
@@ -196,70 +175,104 @@ class Resolver:
         return out
 
     async def prefetch(self, texts: Sequence[str]) -> dict[str, SidecarError]:
-        """Warm the cache; return the references that failed and why.
-
-        References of a batch-capable backend that share vault and settings are
-        fetched with one ``fetch_many``; the rest one call each.
-        """
+        """Warm the cache (batched where the backend can); return what failed and why."""
         failures: dict[str, SidecarError] = {}
-        groups: defaultdict[tuple[str, Any], list[tuple[str, Target]]] = defaultdict(list)
-        singles: list[str] = []
+        targets: dict[str, Target] = {}
         for text in texts:
             try:
-                target = self.target(text)
+                targets[text] = self.target(text)
             except SidecarError as exc:
                 failures[text] = exc
-                continue
-            if isinstance(target.vault.backend, BatchBackend):
-                groups[(target.vault.prefix, target.key.settings)].append((text, target))
-            else:
-                singles.append(text)
-        jobs: list[Awaitable[None]] = [self._prefetch_batch(g, failures) for g in groups.values()]
-        jobs += [self._prefetch_one(text, failures) for text in singles]
-        await asyncio.gather(*jobs)
+        loaded = await self.load([t.key for t in targets.values()], force=False)
+        for text, target in targets.items():
+            try:
+                result = loaded[target.key]
+                if isinstance(result, SidecarError):
+                    raise result
+                self._answer(text, target.reference, result)  # a missing JSON key fails here
+            except SidecarError as exc:
+                failures[text] = exc
         return failures
 
-    async def _prefetch_one(self, text: str, failures: dict[str, SidecarError]) -> None:
-        try:
-            await self.resolve(text)
-        except SidecarError as exc:
-            failures[text] = exc
+    async def refresh(self, keys: Sequence[SecretKey]) -> dict[str, int]:
+        """Fetch these entries again now; count outcomes (``ok``, ``stale`` or an error code)."""
+        counts: dict[str, int] = {}
+        for result in (await self.load(keys, force=True)).values():
+            if isinstance(result, SidecarError):
+                outcome = result.code
+            else:
+                outcome = "stale" if result.stale else "ok"
+            self.metrics.refreshes.labels(outcome).inc()
+            counts[outcome] = counts.get(outcome, 0) + 1
+        return counts
 
-    async def _prefetch_batch(
-        self, group: list[tuple[str, Target]], failures: dict[str, SidecarError]
-    ) -> None:
-        vault, settings = group[0][1].vault, group[0][1].key.settings
-        backend = vault.backend
-        assert isinstance(backend, BatchBackend)
-        unique = list(dict.fromkeys((t.key.secret_id, t.key.version) for _, t in group))
-        about = {"secrets": len(unique)}
-        batch = asyncio.ensure_future(
-            self._call(vault, about, lambda: backend.fetch_many(unique, settings))
-        )
+    async def refresh_all(self) -> dict[str, int]:
+        return await self.refresh([key for key, _ in self.cache.items()])
 
-        async def one(text: str, target: Target) -> None:
-            async def load() -> Fetched:
-                result = (await batch)[unique.index((target.key.secret_id, target.key.version))]
-                if isinstance(result, BackendFailure):
-                    raise result
-                return decoded(result, settings)
+    async def load(
+        self, keys: Sequence[SecretKey], *, force: bool
+    ) -> dict[SecretKey, Lookup | SidecarError]:
+        """Load entries through the cache, several per call where the backend batches.
 
+        Keys of a batch-capable backend sharing vault and settings go in one
+        ``fetch_many``; the others are fetched one call each, concurrently.
+        """
+        groups: defaultdict[tuple[str, VaultSettings], list[SecretKey]] = defaultdict(list)
+        for key in dict.fromkeys(keys):
+            groups[(key.vault, key.settings)].append(key)
+        results: dict[SecretKey, Lookup | SidecarError] = {}
+
+        async def one(key: SecretKey, load: Callable[[], Awaitable[Fetched]]) -> None:
             try:
-                lookup = await self.cache.get(target.key, target.policy, load)
-                self._answer(text, target.reference, lookup)
+                policy = self.policy(key.settings)
+                results[key] = await self.cache.get(key, policy, load, force=force)
             except SidecarError as exc:
-                failures[text] = exc
+                results[key] = exc
 
-        await asyncio.gather(*(one(text, target) for text, target in group))
-        if not batch.done():
-            batch.cancel()
+        jobs = []
+        for (prefix, settings), group in groups.items():
+            try:
+                vault = self.vaults.get(prefix)
+            except SidecarError as exc:  # a vault removed by a reload
+                results.update(dict.fromkeys(group, exc))
+                continue
+            backend = vault.backend
+            if isinstance(backend, BatchBackend) and len(group) > 1:
+                loaders = self._batch_loaders(vault, backend, settings, group)
+                jobs += [one(key, loaders[key]) for key in group]
+            else:
+                jobs += [one(key, partial(self._fetch, vault, key)) for key in group]
+        await asyncio.gather(*jobs)
+        return results
+
+    def _batch_loaders(
+        self, vault: Vault, backend: BatchBackend, settings: VaultSettings, keys: list[SecretKey]
+    ) -> dict[SecretKey, Callable[[], Awaitable[Fetched]]]:
+        """One loader per key, all served by one lazily started ``fetch_many`` call."""
+        items = [(key.secret_id, key.version) for key in keys]
+        batch: asyncio.Future[list[Fetched | BackendFailure]] | None = None
+
+        async def load(index: int) -> Fetched:
+            nonlocal batch
+            if batch is None:
+                about = {"secrets": len(items)}
+                batch = asyncio.ensure_future(
+                    self._call(vault, about, lambda: backend.fetch_many(items, settings))
+                )
+            result = (await asyncio.shield(batch))[index]
+            if isinstance(result, BackendFailure):
+                raise result
+            return decoded(result, settings)
+
+        return {key: partial(load, index) for index, key in enumerate(keys)}
 
     def status(self) -> dict[str, Any]:
-        """Per-vault counts and ages for ``/v1/status`` and the gauges; never values."""
+        """Per-vault counts, ages and schedule for ``/v1/status`` and the gauges; never values."""
         now = self.cache.clock()
         vaults: dict[str, dict[str, Any]] = {
             v.prefix: {"backend": v.backend_name, "started": v.started, "entries": 0,
-                       "fresh": 0, "stale": 0, "negative": 0, "oldest_age_seconds": None}
+                       "fresh": 0, "stale": 0, "failed": 0, "oldest_age_seconds": None,
+                       "next_refresh_in_seconds": None, "last_error": None}
             for v in self.vaults
         }  # fmt: skip
         for key, entry in self.cache.items():
@@ -267,15 +280,15 @@ class Resolver:
             if row is None:
                 continue
             row["entries"] += 1
-            if entry.is_negative(now):
-                row["negative"] += 1
-            elif entry.is_fresh(now):
-                row["fresh"] += 1
-            elif entry.fetched is not None:
-                row["stale"] += 1
+            row[entry.health.value] += 1
             if entry.fetched is not None:
                 age = round(now - entry.fetched_at, 3)
                 row["oldest_age_seconds"] = max(row["oldest_age_seconds"] or 0.0, age)
+            if entry.refresh_at != NEVER:
+                due = round(max(entry.refresh_at - now, 0.0), 3)
+                row["next_refresh_in_seconds"] = min(row["next_refresh_in_seconds"] or due, due)
+            if entry.failure is not None:
+                row["last_error"] = {"code": entry.failure.code, "message": entry.failure.message}
         cache = {"entries": len(self.cache), "max_entries": self.cache.max_entries}
         return {"cache": cache, "vaults": vaults}
 
@@ -287,6 +300,13 @@ class Resolver:
         if version is None and reference.version is not None:
             version = str(reference.version)
         return Answer(text, value, version, lookup)
+
+    async def _limited(self, vault: Vault, call: Callable[[], Awaitable[T]]) -> T:
+        """One backend call within the vault's concurrency and rate limits."""
+        if not vault.limiter.has_capacity():
+            self.metrics.rate_limited.labels(vault.prefix).inc()
+        async with vault.slots, vault.limiter:
+            return await call()
 
     async def _call(
         self, vault: Vault, about: dict[str, Any], call: Callable[[], Awaitable[T]]
@@ -311,7 +331,7 @@ class Resolver:
                 await vault.ensure_started()
                 async for attempt in retrying:
                     with attempt:
-                        result = await call()
+                        result = await self._limited(vault, call)
         except TimeoutError:
             outcome = "backend_timeout"
             raise BackendTimeout(

@@ -18,6 +18,7 @@ import structlog
 from aiohttp import web
 
 from sidecar.access import AccessPolicy, Peer
+from sidecar.config import WatchConfig
 from sidecar.errors import (
     Forbidden,
     InvalidRequest,
@@ -28,6 +29,7 @@ from sidecar.errors import (
 from sidecar.logging import get_logger
 from sidecar.metrics import CONTENT_TYPE, Metrics
 from sidecar.resolver import Answer, Resolver
+from sidecar.watch import EventBus
 
 log = get_logger("sidecar.server")
 audit = get_logger("sidecar.audit")
@@ -48,6 +50,8 @@ class State:
     access: AccessPolicy
     metrics: Metrics
     max_concurrent: int
+    events: EventBus
+    watch: WatchConfig
     ready: bool = False
     not_ready: dict[str, str] = field(default_factory=dict)
     in_flight: int = 0

@@ -14,10 +14,11 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from aiolimiter import AsyncLimiter
 from pydantic import ValidationError
 
 from sidecar.backends import BACKEND_NAMES, Backend, BackendKind, VaultSettings, load_kind
-from sidecar.config import VaultEntity, describe_errors
+from sidecar.config import LimitsConfig, VaultEntity, describe_errors
 from sidecar.errors import ConfigError, InvalidReference, UnknownVault
 
 
@@ -43,9 +44,17 @@ class Vault:
     raw: Mapping[str, Any]  # env base config overlaid with the entity's config
     settings: VaultSettings
     backend: Backend
+    limits: LimitsConfig
     entity: VaultEntity | None = None
     started: bool = False
     _start_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    slots: asyncio.Semaphore = field(init=False)
+    limiter: AsyncLimiter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.slots = asyncio.Semaphore(self.limits.concurrency)
+        burst = self.limits.burst
+        self.limiter = AsyncLimiter(burst, burst / self.limits.rate)
 
     @property
     def backend_name(self) -> str:
@@ -53,7 +62,12 @@ class Vault:
 
     @classmethod
     def build(
-        cls, prefix: str, kind: BackendKind, entity: VaultEntity | None, environ: Mapping[str, str]
+        cls,
+        prefix: str,
+        kind: BackendKind,
+        entity: VaultEntity | None,
+        environ: Mapping[str, str],
+        limits: LimitsConfig,
     ) -> Vault:
         raw = {**env_base_config(kind.name, kind.settings, environ)}
         if entity is not None:
@@ -63,7 +77,9 @@ class Vault:
         except ValidationError as exc:
             where = f"vault {prefix!r} ({kind.name}) config"
             raise ConfigError(describe_errors(exc, where, kind.settings.secret_fields)) from exc
-        return cls(prefix, kind, raw, settings, kind.create(prefix), entity)
+        if entity is not None and entity.limits is not None:
+            limits = entity.limits
+        return cls(prefix, kind, raw, settings, kind.create(prefix), limits, entity)
 
     def settings_for(self, query: Mapping[str, Any] | None) -> VaultSettings:
         """The effective settings for one reference; query fields override ours."""
@@ -91,6 +107,7 @@ class Vault:
         return (
             self.kind.name == other.kind.name
             and self.raw == other.raw
+            and self.limits == other.limits
             and (self.entity.model_dump() if self.entity else None)
             == (other.entity.model_dump() if other.entity else None)
         )
@@ -100,11 +117,16 @@ class VaultRegistry:
     """The vaults of one configuration. Backend names used directly are made on first use."""
 
     def __init__(
-        self, entities: tuple[VaultEntity, ...], environ: Mapping[str, str] | None = None
+        self,
+        entities: tuple[VaultEntity, ...],
+        environ: Mapping[str, str] | None = None,
+        limits: LimitsConfig | None = None,
     ) -> None:
         self._environ = os.environ if environ is None else environ
+        self._limits = limits or LimitsConfig()
         self._vaults: dict[str, Vault] = {
-            e.prefix: Vault.build(e.prefix, load_kind(e.name), e, self._environ) for e in entities
+            e.prefix: Vault.build(e.prefix, load_kind(e.name), e, self._environ, self._limits)
+            for e in entities
         }
 
     def __iter__(self) -> Iterator[Vault]:
@@ -116,7 +138,7 @@ class VaultRegistry:
             return vault
         if name in BACKEND_NAMES:
             try:
-                vault = Vault.build(name, load_kind(name), None, self._environ)
+                vault = Vault.build(name, load_kind(name), None, self._environ, self._limits)
             except ConfigError as exc:
                 raise UnknownVault(f"vault {name!r} cannot be used: {exc.message}") from exc
             self._vaults[name] = vault

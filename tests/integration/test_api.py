@@ -181,7 +181,8 @@ async def test_status_shows_counts_not_values(daemon: Daemon) -> None:
     status, body = await daemon.request("GET", "/v1/status")
     assert status == 200
     env = body["vaults"]["env"]
-    assert (env["entries"], env["fresh"], env["negative"]) == (2, 1, 1)
+    assert (env["entries"], env["fresh"], env["failed"]) == (2, 1, 1)
+    assert env["last_error"]["code"] == "not_found"
     assert SECRETS["DB_PASSWORD"] not in json.dumps(body)
 
 

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from sidecar.backends.base import Fetched, VaultSettings
-from sidecar.cache import Cache, LookupResult, Policy, SecretKey
+from sidecar.cache import Cache, Change, Entry, Health, LookupResult, Policy, SecretKey
 from sidecar.errors import BackendUnavailable, SecretNotFound
 from tests.support import ManualClock
 
@@ -43,7 +43,8 @@ def clock() -> ManualClock:
 
 @pytest.fixture
 def cache(clock: ManualClock) -> Cache:
-    return Cache(max_entries=3, clock=clock)
+    """Jitter pinned to its maximum: refresh at 90 % of ttl, backoff 1 s, 2 s, 4 s..."""
+    return Cache(max_entries=3, clock=clock, jitter=lambda: 1.0)
 
 
 async def test_fresh_value_is_served_from_cache_until_ttl(cache: Cache, clock: ManualClock) -> None:
@@ -89,8 +90,32 @@ async def test_recovery_after_stale_replaces_value(cache: Cache, clock: ManualCl
     clock.advance(61)
     assert (await cache.get(key(), POLICY, backend.load)).stale
     backend.failure, backend.value = None, "v2"
+    clock.advance(1)  # past the first retry backoff
     fresh = await cache.get(key(), POLICY, backend.load)
     assert (fresh.fetched.value, fresh.stale) == ("v2", False)
+
+
+async def test_failing_backend_is_not_asked_again_within_backoff(
+    cache: Cache, clock: ManualClock
+) -> None:
+    """During an outage readers get the stale value without a backend call until the backoff
+    ends; the backoff doubles with each failure."""
+    backend = Backend()
+    await cache.get(key(), POLICY, backend.load)
+    backend.failure = BackendUnavailable("down")
+    clock.advance(60)
+    for _ in range(5):
+        assert (await cache.get(key(), POLICY, backend.load)).stale
+    assert backend.calls == 2
+    clock.advance(1)
+    assert (await cache.get(key(), POLICY, backend.load)).stale
+    assert backend.calls == 3
+    clock.advance(1)
+    assert (await cache.get(key(), POLICY, backend.load)).stale
+    assert backend.calls == 3  # second backoff is 2 s
+    clock.advance(1)
+    await cache.get(key(), POLICY, backend.load)
+    assert backend.calls == 4
 
 
 async def test_permanent_failure_is_remembered_for_neg_ttl(
@@ -190,14 +215,64 @@ async def test_drop_removes_matching_entries(cache: Cache) -> None:
     assert backend.calls == 2
 
 
-async def test_change_hook_fires_only_when_value_changes(cache: Cache) -> None:
-    """A refetch with the same value is not a rotation; a different value is, once."""
-    changed: list[SecretKey] = []
-    cache.on_change = changed.append
+async def test_changes_are_reported_once_per_transition(cache: Cache, clock: ManualClock) -> None:
+    """Same value: nothing. New value: rotated. Outage: stale once, failed once; then recovered."""
+    changes: list[Change] = []
+
+    def record(k: SecretKey, change: Change, entry: Entry) -> None:
+        changes.append(change)
+
+    cache.on_change = record
     backend = Backend()
     await cache.get(key(), POLICY, backend.load)
     await cache.get(key(), POLICY, backend.load, force=True)
-    assert changed == []
+    assert changes == []
     backend.value = "v2"
     await cache.get(key(), POLICY, backend.load, force=True)
-    assert changed == [key()]
+    assert changes == [Change.ROTATED]
+    backend.failure = BackendUnavailable("down")
+    for _ in range(3):
+        await cache.get(key(), POLICY, backend.load, force=True)
+    assert changes == [Change.ROTATED, Change.STALE]
+    clock.advance(60 + 100)
+    for _ in range(3):
+        with pytest.raises(BackendUnavailable):
+            await cache.get(key(), POLICY, backend.load, force=True)
+    assert changes == [Change.ROTATED, Change.STALE, Change.FAILED]
+    backend.failure = None
+    await cache.get(key(), POLICY, backend.load, force=True)
+    assert changes[-1] is Change.RECOVERED
+    entry = cache.peek(key())
+    assert entry is not None
+    assert entry.health is Health.FRESH
+
+
+async def test_refresh_schedule_within_ttl_and_backoff_after_failure(
+    cache: Cache, clock: ManualClock
+) -> None:
+    """A value is due at 75-90 % of its ttl; a failed refresh is due again after the backoff."""
+    backend = Backend()
+    await cache.get(key(), POLICY, backend.load)
+    assert cache.next_due() == clock.now + 54  # 90 % of 60 with jitter pinned at 1.0
+    assert cache.due(clock.now + 53) == []
+    assert cache.due(clock.now + 54) == [key()]
+    assert cache.due(clock.now + 54) == []  # popped once
+    clock.advance(54)
+    backend.failure = BackendUnavailable("down")
+    await cache.get(key(), POLICY, backend.load, force=True)
+    assert cache.next_due() == clock.now + 1
+
+
+async def test_idle_entries_are_found_unless_pinned(cache: Cache, clock: ManualClock) -> None:
+    """An entry unread for three ttl's is idle; a pinned one never is."""
+    backend = Backend()
+    await cache.get(key("a"), POLICY, backend.load)
+    await cache.get(key("b"), POLICY, backend.load)
+    cache.pin(key("b"))
+    clock.advance(179)
+    assert not cache.is_idle(key("a"), clock.now, None)
+    clock.advance(1)
+    assert cache.is_idle(key("a"), clock.now, None)
+    assert not cache.is_idle(key("b"), clock.now, None)
+    cache.unpin(key("b"))
+    assert cache.is_idle(key("b"), clock.now, None)
