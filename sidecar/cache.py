@@ -159,23 +159,21 @@ class Cache:
         already under way rather than starting a second one.
         """
         entry = self._entries.get(key)
-        if entry is not None:
+        if entry is not None and not force:  # a refresh is not a read: it must not stop idling
             now = self.clock()
             entry.last_used = now
-            if not force:
-                if entry.is_held(now):
-                    self._entries.move_to_end(key)
-                    if entry.can_resurrect(now):
-                        self.observe(LookupResult.STALE)
-                        return self._lookup(entry, LookupResult.STALE, now)
-                    self.observe(LookupResult.NEGATIVE)
-                    assert entry.failure is not None
-                    # a fresh traceback each time: re-raising would grow the stored one
-                    raise entry.failure.with_traceback(None)
-                if entry.is_fresh(now):
-                    self._entries.move_to_end(key)
-                    self.observe(LookupResult.HIT)
-                    return self._lookup(entry, LookupResult.HIT, now)
+            self._entries.move_to_end(key)
+            if entry.is_held(now):
+                if entry.can_resurrect(now):
+                    self.observe(LookupResult.STALE)
+                    return self._lookup(entry, LookupResult.STALE, now)
+                self.observe(LookupResult.NEGATIVE)
+                assert entry.failure is not None
+                # a fresh traceback each time: re-raising would grow the stored one
+                raise entry.failure.with_traceback(None)
+            if entry.is_fresh(now):
+                self.observe(LookupResult.HIT)
+                return self._lookup(entry, LookupResult.HIT, now)
         task = self._loads.get(key)
         if task is None:
             task = asyncio.ensure_future(self._load(key, policy, load))

@@ -31,6 +31,7 @@ class ListenConfig(_Model):
     mode: int = 0o660
     group: str | int | None = None
     max_concurrent_requests: int = Field(default=1024, gt=0)
+    backlog: int = Field(default=1024, gt=0)  # pending connections (gateway workers start at once)
     drain_timeout: Seconds = 10.0
 
     @field_validator("mode", mode="before")

@@ -294,7 +294,7 @@ async def serve(
     scrape: web.AppRunner | None = None
     try:
         await api.setup()
-        site = web.SockSite(api, sock)
+        site = web.SockSite(api, sock, backlog=listen.backlog)
         await site.start()
         scrape = await _start_metrics(daemon, config)
         if handle_signals:

@@ -301,14 +301,14 @@ class Resolver:
             version = str(reference.version)
         return Answer(text, value, version, lookup)
 
-    async def _limited(self, vault: Vault, call: Callable[[], Awaitable[T]]) -> T:
-        """One backend call within the vault's concurrency and rate limits."""
-        if not vault.limiter.has_capacity():
-            self.metrics.rate_limited.labels(vault.prefix).inc()
-        async with vault.slots, vault.limiter:
-            return await call()
-
     async def _call(
+        self, vault: Vault, about: dict[str, Any], call: Callable[[], Awaitable[T]]
+    ) -> T:
+        """One backend call, admitted by the vault's concurrency and rate limits."""
+        async with vault.admission(self.metrics.rate_limited.labels(vault.prefix).inc):
+            return await self._attempts(vault, about, call)
+
+    async def _attempts(
         self, vault: Vault, about: dict[str, Any], call: Callable[[], Awaitable[T]]
     ) -> T:
         """Run one backend call: retries, a deadline, one metric and one log line.
@@ -331,7 +331,7 @@ class Resolver:
                 await vault.ensure_started()
                 async for attempt in retrying:
                     with attempt:
-                        result = await self._limited(vault, call)
+                        result = await call()
         except TimeoutError:
             outcome = "backend_timeout"
             raise BackendTimeout(

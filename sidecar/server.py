@@ -18,6 +18,7 @@ import structlog
 from aiohttp import web
 
 from sidecar.access import AccessPolicy, Peer
+from sidecar.cache import Change, SecretKey
 from sidecar.config import WatchConfig
 from sidecar.errors import (
     Forbidden,
@@ -28,8 +29,8 @@ from sidecar.errors import (
 )
 from sidecar.logging import get_logger
 from sidecar.metrics import CONTENT_TYPE, Metrics
-from sidecar.resolver import Answer, Resolver
-from sidecar.watch import EventBus
+from sidecar.resolver import Answer, Resolver, Target, extract_key
+from sidecar.watch import END, Event, EventBus
 
 log = get_logger("sidecar.server")
 audit = get_logger("sidecar.audit")
@@ -37,7 +38,8 @@ audit = get_logger("sidecar.audit")
 MAX_BODY = 1024 * 1024
 MAX_BATCH = 1000
 MAX_REFERENCE = 4096
-UNLIMITED = frozenset({"/healthz", "/readyz", "/v1/status"})  # answer even when saturated
+# Answer even when saturated; watch streams are long-lived and limited by max_watchers.
+UNLIMITED = frozenset({"/healthz", "/readyz", "/v1/status", "/v1/watch"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -220,6 +222,82 @@ async def refresh(request: web.Request) -> web.Response:
     return web.json_response({"refreshed": results})
 
 
+async def watch(request: web.Request) -> web.StreamResponse:
+    """Server-sent events on changes of the watched references.
+
+    The values are sent only with ``include_values=true`` (and the peer must be
+    allowed to read them, as for any read). Watched entries stay refreshed.
+    """
+    state = _state(request)
+    peer = _peer(request)
+    refs = request.query.getall("ref", [])
+    if not refs or len(refs) > MAX_BATCH:
+        raise InvalidRequest(f"between 1 and {MAX_BATCH} 'ref' query parameters are required")
+    include_values = request.query.get("include_values", "false").lower() in ("true", "1")
+    if len(state.events) >= state.watch.max_watchers:
+        raise TooManyRequests(f"more than {state.watch.max_watchers} watchers")
+    targets: dict[SecretKey, list[tuple[str, Target]]] = {}
+    for ref in refs:
+        _check_length(ref)
+        target = state.resolver.target(ref)
+        state.access.check(peer, target.reference)
+        targets.setdefault(target.key, []).append((ref, target))
+
+    transport = request.transport
+    subscription = state.events.subscribe(
+        targets, state.watch.queue, lambda: transport.abort() if transport else None
+    )
+    cache = state.resolver.cache
+    for key in targets:
+        cache.pin(key)
+    audit.info("secret.watch", refs=refs, uid=peer.uid, gid=peer.gid, pid=peer.pid,
+               include_values=include_values)  # fmt: skip
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    try:
+        await response.prepare(request)
+        await state.resolver.load(list(targets), force=False)  # watched values get cached
+        while True:
+            event = await subscription.next(state.watch.heartbeat)
+            if event is END:
+                break
+            if not isinstance(event, Event):
+                await response.write(b": heartbeat\n\n")
+                continue
+            for ref, target in targets[event.key]:
+                payload = _event_json(ref, target, event, include_values)
+                data = json.dumps(payload)
+                await response.write(f"event: {event.change.value}\ndata: {data}\n\n".encode())
+    except ConnectionResetError:
+        pass  # the watcher went away, or was dropped for not reading
+    finally:
+        state.events.unsubscribe(subscription)
+        for key in targets:
+            cache.unpin(key)
+        if subscription.overflowed:
+            log.warning("watch.dropped", reason="slow consumer", uid=peer.uid, pid=peer.pid)
+    return response
+
+
+def _event_json(ref: str, target: Target, event: Event, include_values: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "ref": ref,
+        "event": event.change.value,
+        "at": event.at,
+        "version": event.fetched.version if event.fetched else None,
+    }
+    if event.error is not None and event.change in (Change.STALE, Change.FAILED):
+        body["error"] = {"code": event.error[0], "message": event.error[1]}
+    if include_values and event.fetched is not None and event.change is not Change.FAILED:
+        key = target.reference.key
+        try:
+            body["value"] = extract_key(event.fetched.value, key) if key else event.fetched.value
+        except SidecarError as exc:
+            body["error"] = exc.to_json()["error"]
+    return body
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -233,7 +311,11 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def status(request: web.Request) -> web.Response:
     state = _state(request)
-    body = {"ready": state.ready, "requests_in_flight": state.in_flight}
+    body = {
+        "ready": state.ready,
+        "requests_in_flight": state.in_flight,
+        "watchers": len(state.events),
+    }
     return web.json_response(body | state.resolver.status())
 
 
@@ -243,6 +325,7 @@ def build_app(state: State) -> web.Application:
     app.router.add_get("/v1/secrets", get_secret)
     app.router.add_post("/v1/secrets:batch", batch)
     app.router.add_post("/v1/refresh", refresh)
+    app.router.add_get("/v1/watch", watch)
     app.router.add_get("/v1/status", status)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -9,8 +9,9 @@ reads them, so a Kong data plane's environment works unchanged), the defaults.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +56,22 @@ class Vault:
         self.slots = asyncio.Semaphore(self.limits.concurrency)
         burst = self.limits.burst
         self.limiter = AsyncLimiter(burst, burst / self.limits.rate)
+
+    @contextlib.asynccontextmanager
+    async def admission(self, on_wait: Callable[[], None]) -> AsyncIterator[None]:
+        """Hold a call slot and a rate token for one backend call (remote backends only).
+
+        The wait is outside the call's deadline: a queue behind the rate limit is
+        the limit working, not the backend timing out.
+        """
+        if not self.kind.remote:
+            yield
+            return
+        async with self.slots:
+            if not self.limiter.has_capacity():
+                on_wait()
+            await self.limiter.acquire()
+            yield
 
     @property
     def backend_name(self) -> str:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from sidecar.cache import Cache
-from sidecar.config import CacheConfig, VaultEntity
+from sidecar.cache import Cache, Schedule
+from sidecar.config import CacheConfig, LimitsConfig, VaultEntity
 from sidecar.metrics import Metrics
 from sidecar.resolver import Resolver
 from sidecar.vaults import VaultRegistry
@@ -31,15 +31,23 @@ def make_resolver(
     environ: Mapping[str, str] | None = None,
     clock: ManualClock | None = None,
     metrics: Metrics | None = None,
+    jitter: Callable[[], float] = lambda: 1.0,
+    schedule: Schedule | None = None,
+    limits: LimitsConfig | None = None,
     **cache: Any,
 ) -> Resolver:
-    """A resolver wired as ``serve`` wires it; ``cache`` overrides ``CacheConfig`` fields."""
+    """A resolver wired as ``serve`` wires it; ``cache`` overrides ``CacheConfig`` fields.
+
+    Jitter is pinned at its maximum (refresh at 90 % of ttl, full backoffs) unless given.
+    """
     defaults = CacheConfig(**{"retry_backoff": 0.001, "retry_backoff_max": 0.01, **cache})
     metrics = metrics or Metrics()
     store = Cache(
         max_entries=defaults.max_entries,
         clock=clock or ManualClock(),
+        schedule=schedule or Schedule(),
+        jitter=jitter,
         observe=lambda result: metrics.cache_lookups.labels(result.value).inc(),
     )
-    return Resolver(VaultRegistry(vaults, environ={} if environ is None else environ),
-                    store, defaults, metrics)  # fmt: skip
+    registry = VaultRegistry(vaults, environ={} if environ is None else environ, limits=limits)
+    return Resolver(registry, store, defaults, metrics)

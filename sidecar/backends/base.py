@@ -86,3 +86,4 @@ class BackendKind:
     name: str
     settings: type[VaultSettings]
     create: Callable[[str], Backend]  # called with the vault prefix, for logs and metrics
+    remote: bool = True  # remote backends get the vault's concurrency and rate limits

@@ -40,4 +40,4 @@ class EnvBackend:
         return None
 
 
-KIND = BackendKind(name="env", settings=EnvSettings, create=EnvBackend)
+KIND = BackendKind(name="env", settings=EnvSettings, create=EnvBackend, remote=False)

@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import google.auth
 import google_crc32c
-import grpc  # type: ignore[import-untyped]
+import grpc
 from google.api_core import exceptions as gexc
 from google.api_core.client_options import ClientOptions
 from google.auth import exceptions as auth_exc
@@ -90,6 +90,8 @@ def payload_text(data: bytes) -> str:
 
 def map_error(exc: Exception, what: str) -> BackendFailure:
     """The one place gRPC/auth errors become ours. Server text is left out on purpose."""
+    if isinstance(exc, auth_exc.RefreshError) and exc.retryable:
+        return BackendUnavailable(f"{what}: Google access token refresh failed, retryable")
     if isinstance(exc, auth_exc.RefreshError):
         return AccessDenied(f"{what}: could not obtain a Google access token")
     if isinstance(exc, auth_exc.TransportError):

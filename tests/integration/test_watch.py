@@ -1,0 +1,188 @@
+"""Refresh and the change stream, with the daemon served in-process on a real socket.
+
+In-process (``serve`` with a shutdown trigger) so the test can change the env
+backend's environment while the daemon runs, and read the daemon's own metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from sidecar.config import parse_config
+from sidecar.lifecycle import serve
+from sidecar.metrics import Metrics
+from tests.integration.harness import wait_until
+
+
+class Sidecar:
+    def __init__(self, socket: Path, metrics: Metrics) -> None:
+        self.socket = socket
+        self.metrics = metrics
+
+    def session(self, limit: int = 100) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
+            connector=aiohttp.UnixConnector(path=str(self.socket), limit=limit),
+            timeout=aiohttp.ClientTimeout(total=20),
+        )
+
+    async def request(self, method: str, path: str, **params: Any) -> tuple[int, Any]:
+        async with self.session() as s, s.request(method, f"http://s{path}", params=params) as r:
+            return r.status, await r.json()
+
+    def backend_calls(self, outcome: str = "ok") -> float:
+        labels = {"vault": "env", "backend": "env", "outcome": outcome}
+        return (
+            self.metrics.registry.get_sample_value("secret_sidecar_backend_calls_total", labels)
+            or 0.0
+        )
+
+
+@pytest.fixture
+async def sidecar(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Sidecar]:
+    """A daemon with ttl 1 s and neg_ttl 1 s, so refreshes happen within the test."""
+    extra: dict[str, Any] = getattr(request, "param", {})
+    socket = tmp_path / "s.sock"
+    config = parse_config(
+        {
+            "listen": {"socket": str(socket)},
+            "metrics": {"address": ""},
+            "cache": {"ttl": 1, "neg_ttl": 1},
+            **extra,
+        }
+    )
+    stop, ready, metrics = asyncio.Event(), asyncio.Event(), Metrics()
+    task = asyncio.create_task(
+        serve(config, shutdown_trigger=stop.wait, ready=ready, metrics=metrics)
+    )
+    await asyncio.wait_for(ready.wait(), 10)
+    yield Sidecar(socket, metrics)
+    stop.set()
+    await asyncio.wait_for(task, 20)
+
+
+async def events(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, Any]]:
+    """Parse a text/event-stream: yield (event, data) and ("comment", text)."""
+    kind, data = "message", ""
+    while line := (await response.content.readline()).decode():
+        line = line.rstrip("\n")
+        if line.startswith(":"):
+            yield "comment", {"comment": line[1:].strip()}
+        elif line.startswith("event: "):
+            kind = line[7:]
+        elif line.startswith("data: "):
+            data = line[6:]
+        elif not line:
+            yield kind, json.loads(data)
+            kind, data = "message", ""
+
+
+async def next_event(stream: AsyncIterator[tuple[str, Any]], *wanted: str) -> dict[str, Any]:
+    async with asyncio.timeout(10):
+        async for kind, data in stream:
+            if kind in wanted:
+                return dict(data)
+    raise AssertionError(f"stream ended before {wanted}")
+
+
+async def test_rotation_reaches_watcher_and_readers_without_restart(
+    sidecar: Sidecar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A value changed in the backend is refreshed in the background, pushed to a watcher
+    (with the value, since it asked) and served to readers from the cache."""
+    monkeypatch.setenv("ROT", "v1")
+    params = {"ref": "{vault://env/rot}", "include_values": "true"}
+    async with sidecar.session() as session, session.get("http://s/v1/watch", params=params) as r:
+        assert r.headers["Content-Type"] == "text/event-stream"
+        monkeypatch.setenv("ROT", "v2")
+        event = await next_event(events(r), "rotated")
+    assert (event["ref"], event["event"], event["value"]) == ("{vault://env/rot}", "rotated", "v2")
+    status, answer = await sidecar.request("GET", "/v1/secrets", ref="{vault://env/rot}")
+    assert (status, answer["value"], answer["cached"]) == (200, "v2", True)
+
+
+async def test_watch_sends_no_values_unless_asked(
+    sidecar: Sidecar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without include_values an event says what changed, never the value."""
+    monkeypatch.setenv("QUIET", '{"password": "first"}')
+    params = {"ref": "{vault://env/quiet/password}"}
+    async with sidecar.session() as session, session.get("http://s/v1/watch", params=params) as r:
+        monkeypatch.setenv("QUIET", '{"password": "second"}')
+        event = await next_event(events(r), "rotated")
+    assert "value" not in event
+    assert "second" not in json.dumps(event)
+
+
+async def test_failure_and_recovery_are_events(
+    sidecar: Sidecar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A secret removed from the backend turns 'failed'; when it is back, 'recovered'."""
+    monkeypatch.setenv("FLAKY", "here")
+    async with (
+        sidecar.session() as session,
+        session.get("http://s/v1/watch", params={"ref": "{vault://env/flaky}"}) as r,
+    ):
+        stream = events(r)
+        monkeypatch.delenv("FLAKY")
+        failed = await next_event(stream, "failed")
+        monkeypatch.setenv("FLAKY", "back")
+        recovered = await next_event(stream, "recovered")
+    assert failed["error"]["code"] == "not_found"
+    assert recovered["event"] == "recovered"
+
+
+@pytest.mark.parametrize("sidecar", [{"watch": {"heartbeat": 0.05}}], indirect=True)
+async def test_idle_stream_gets_heartbeats(
+    sidecar: Sidecar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With nothing to report, comments keep the connection alive."""
+    monkeypatch.setenv("STILL", "same")
+    async with (
+        sidecar.session() as session,
+        session.get("http://s/v1/watch", params={"ref": "{vault://env/still}"}) as r,
+    ):
+        assert (await next_event(events(r), "comment")) == {"comment": "heartbeat"}
+
+
+@pytest.mark.parametrize("sidecar", [{"watch": {"queue": 2}}], indirect=True)
+async def test_watcher_that_stops_reading_is_dropped(
+    sidecar: Sidecar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A watcher that never reads is disconnected once its queue is full; memory stays flat."""
+    big = "x" * 512 * 1024  # big events fill the socket buffers quickly
+    monkeypatch.setenv("BIG", big + "0")
+    params = {"ref": "{vault://env/big}", "include_values": "true"}
+    async with sidecar.session() as session:
+        response = await session.get("http://s/v1/watch", params=params)
+
+        async def dropped() -> bool:
+            for i in range(4):
+                monkeypatch.setenv("BIG", big + str(i + 1))
+                await sidecar.request("POST", "/v1/refresh", ref="{vault://env/big}")
+            return bool((await sidecar.request("GET", "/v1/status"))[1]["watchers"] == 0)
+
+        await wait_until(dropped, within=15, what="the slow watcher to be dropped")
+        response.close()
+
+
+async def test_thousand_concurrent_cold_requests_make_one_backend_call(
+    sidecar: Sidecar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1000 concurrent requests for one uncached secret share a single backend call."""
+    monkeypatch.setenv("COLD", "v")
+
+    async def one(session: aiohttp.ClientSession) -> str:
+        async with session.get("http://s/v1/secrets", params={"ref": "{vault://env/cold}"}) as r:
+            return str((await r.json())["value"])
+
+    async with sidecar.session(limit=0) as session:
+        values = await asyncio.gather(*(one(session) for _ in range(1000)))
+    assert set(values) == {"v"}
+    assert sidecar.backend_calls() == 1

@@ -1,0 +1,141 @@
+"""The refresher on a manual clock, over the env backend: schedule, spread, idle, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+import time
+from collections import Counter
+
+import pytest
+
+from sidecar.backends import env
+from sidecar.config import LimitsConfig
+from sidecar.refresh import Refresher
+from sidecar.resolver import Resolver
+from sidecar.vaults import Vault
+from tests.support import ManualClock, make_resolver
+
+
+def calls(resolver: Resolver, outcome: str = "ok") -> int:
+    """Backend calls made so far, read from the daemon's own metric."""
+    value = resolver.metrics.registry.get_sample_value(
+        "secret_sidecar_backend_calls_total",
+        {"vault": "env", "backend": "env", "outcome": outcome},
+    )
+    return int(value or 0)
+
+
+async def test_rotated_value_is_served_from_cache_after_background_refresh(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A value changed in the backend is fetched before its ttl ends, so readers get it
+    from the cache without waiting on the backend."""
+    monkeypatch.setenv("ROTATING", "v1")
+    clock = ManualClock()
+    resolver = make_resolver(clock=clock, ttl=100)
+    refresher = Refresher(lambda: resolver, resolver.cache, idle_ttl=None)
+    assert (await resolver.resolve("{vault://env/rotating}")).value == "v1"
+    monkeypatch.setenv("ROTATING", "v2")
+    clock.advance(89)
+    assert await refresher.run_due() == {}
+    clock.advance(1)  # 90 % of ttl (jitter pinned at its maximum)
+    assert await refresher.run_due() == {"ok": 1}
+    answer = await resolver.resolve("{vault://env/rotating}")
+    assert (answer.value, answer.lookup.cached) == ("v2", True)
+    assert calls(resolver) == 2
+
+
+async def test_not_found_is_retried_only_after_neg_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A missing secret is asked again when neg_ttl ends, not before, and then recovers."""
+    clock = ManualClock()
+    resolver = make_resolver(clock=clock, neg_ttl=30)
+    refresher = Refresher(lambda: resolver, resolver.cache, idle_ttl=None)
+    with pytest.raises(Exception, match="not set"):
+        await resolver.resolve("{vault://env/later}")
+    monkeypatch.setenv("LATER", "now")
+    clock.advance(29)
+    assert await refresher.run_due() == {}
+    assert calls(resolver, "not_found") == 1
+    clock.advance(1)
+    assert await refresher.run_due() == {"ok": 1}
+    assert (await resolver.resolve("{vault://env/later}")).lookup.cached
+
+
+async def test_idle_entries_stop_being_refreshed_and_are_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An entry nobody read within idle_ttl is dropped when it comes due; a pinned one is not."""
+    monkeypatch.setenv("READ_ONCE", "x")
+    monkeypatch.setenv("PINNED", "y")
+    clock = ManualClock()
+    resolver = make_resolver(clock=clock, ttl=10)
+    refresher = Refresher(lambda: resolver, resolver.cache, idle_ttl=25)
+    await resolver.resolve("{vault://env/read-once}")
+    await resolver.resolve("{vault://env/pinned}")
+    resolver.cache.pin(resolver.target("{vault://env/pinned}").key)
+    for _ in range(3):  # refreshes at 9, 18, 27 s
+        clock.advance(9)
+        await refresher.run_due()
+    assert [key.secret_id for key, _ in resolver.cache.items()] == ["pinned"]
+    assert calls(resolver) == 2 + 2 * 2 + 1  # two loads, both refreshed twice, then pinned only
+
+
+async def test_ten_thousand_equal_ttls_spread_over_the_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """10k secrets loaded at once with ttl 300 come due across 75-90 % of the ttl, at most
+    about 1.5x the mean rate in any second, instead of all at once."""
+    for i in range(10_000):
+        monkeypatch.setenv(f"S{i}", "v")
+    clock = ManualClock()
+    resolver = make_resolver(clock=clock, ttl=300, jitter=random.Random(7).random)
+    refresher = Refresher(lambda: resolver, resolver.cache, idle_ttl=None)
+    assert await resolver.prefetch([f"{{vault://env/s{i}}}" for i in range(10_000)]) == {}
+    per_second: Counter[int] = Counter()
+    for second in range(1, 301):
+        clock.advance(1)
+        per_second[second] = sum((await refresher.run_due()).values())
+    busy = {s: n for s, n in per_second.items() if n}
+    assert sum(busy.values()) == 10_000
+    assert min(busy) >= 225
+    assert max(busy) <= 271
+    assert max(busy.values()) <= 1.5 * 10_000 / 45
+
+
+async def test_vault_admission_limits_rate_and_concurrency() -> None:
+    """With rate 40/s, burst 10 and 4 slots, 50 calls take at least (50-10)/40 s, never run
+    more than 4 at once, and the waits are reported."""
+    kind = dataclasses.replace(env.KIND, remote=True)
+    limits = LimitsConfig(concurrency=4, rate=40, burst=10)
+    vault = Vault.build("remote", kind, None, {}, limits)
+    waits: list[None] = []
+    running = peak = 0
+
+    async def call() -> None:
+        nonlocal running, peak
+        async with vault.admission(lambda: waits.append(None)):
+            running += 1
+            peak = max(peak, running)
+            await asyncio.sleep(0.001)
+            running -= 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(call() for _ in range(50)))
+    elapsed = time.perf_counter() - started
+    assert elapsed >= (50 - 10) / 40 * 0.9  # a lower bound: only a broken limit is faster
+    assert peak == 4
+    assert len(waits) >= 30
+
+
+async def test_local_env_backend_is_not_rate_limited(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The env backend reads process memory: no limit applies to it."""
+    for i in range(50):
+        monkeypatch.setenv(f"R{i}", "v")
+    resolver = make_resolver(limits=LimitsConfig(concurrency=1, rate=1, burst=1))
+    await asyncio.gather(*(resolver.resolve(f"{{vault://env/r{i}}}") for i in range(50)))
+    limited = resolver.metrics.registry.get_sample_value(
+        "secret_sidecar_backend_rate_limited_total", {"vault": "env"}
+    )
+    assert not limited
