@@ -7,17 +7,20 @@ backend's environment while the daemon runs, and read the daemon's own metrics.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc
 import pytest
 
 from sidecar.config import parse_config
 from sidecar.lifecycle import serve
 from sidecar.metrics import Metrics
+from tests.backends.gcp_server import FakeSecretManager
 from tests.integration.harness import wait_until
 
 
@@ -44,10 +47,9 @@ class Sidecar:
         )
 
 
-@pytest.fixture
-async def sidecar(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Sidecar]:
-    """A daemon with ttl 1 s and neg_ttl 1 s, so refreshes happen within the test."""
-    extra: dict[str, Any] = getattr(request, "param", {})
+@contextlib.asynccontextmanager
+async def running(tmp_path: Path, extra: dict[str, Any]) -> AsyncIterator[Sidecar]:
+    """``serve`` in this loop on a socket in ``tmp_path``; ttl and neg_ttl 1 s by default."""
     socket = tmp_path / "s.sock"
     config = parse_config(
         {
@@ -62,9 +64,18 @@ async def sidecar(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterat
         serve(config, shutdown_trigger=stop.wait, ready=ready, metrics=metrics)
     )
     await asyncio.wait_for(ready.wait(), 10)
-    yield Sidecar(socket, metrics)
-    stop.set()
-    await asyncio.wait_for(task, 20)
+    try:
+        yield Sidecar(socket, metrics)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+
+
+@pytest.fixture
+async def sidecar(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Sidecar]:
+    """A daemon with ttl 1 s and neg_ttl 1 s, so refreshes happen within the test."""
+    async with running(tmp_path, getattr(request, "param", {})) as daemon:
+        yield daemon
 
 
 async def events(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, Any]]:
@@ -186,3 +197,45 @@ async def test_thousand_concurrent_cold_requests_make_one_backend_call(
         values = await asyncio.gather(*(one(session) for _ in range(1000)))
     assert set(values) == {"v"}
     assert sidecar.backend_calls() == 1
+
+
+async def test_outage_serves_stale_then_503_then_recovers_over_real_grpc(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Secret Manager outage: the watcher hears 'stale', readers get the last value marked
+    stale until resurrect_ttl ends, then 503; when the service is back, 'recovered'."""
+    monkeypatch.delenv("SECRET_MANAGER_EMULATOR_HOST", raising=False)
+    fake = FakeSecretManager()
+    target = await fake.start()
+    fake.add("p1", "db", "v1")
+    vault = {
+        "prefix": "sm",
+        "name": "gcp",
+        "config": {"project_id": "p1", "emulator_host": target, "resurrect_ttl": 2},
+    }
+    extra = {"vaults": [vault], "refresh": {"max_backoff": 0.2},
+             "cache": {"ttl": 1, "neg_ttl": 1, "backend_retries": 0}}  # fmt: skip
+    ref = "{vault://sm/db}"
+    try:
+        async with running(tmp_path, extra) as sidecar:
+            assert (await sidecar.request("GET", "/v1/secrets", ref=ref))[0] == 200
+            async with (
+                sidecar.session() as session,
+                session.get("http://s/v1/watch", params={"ref": ref}) as r,
+            ):
+                stream = events(r)
+                fake.fail_always(grpc.StatusCode.UNAVAILABLE)
+                stale_event = await next_event(stream, "stale")
+                status, stale = await sidecar.request("GET", "/v1/secrets", ref=ref)
+                assert (status, stale["value"], stale["stale"]) == (200, "v1", True)
+                failed_event = await next_event(stream, "failed")
+                status, gone = await sidecar.request("GET", "/v1/secrets", ref=ref)
+                assert (status, gone["error"]["code"]) == (503, "backend_unavailable")
+                fake.fail_always(None)
+                await next_event(stream, "recovered")
+                status, back = await sidecar.request("GET", "/v1/secrets", ref=ref)
+                assert (status, back["value"], back["stale"]) == (200, "v1", False)
+    finally:
+        await fake.stop()
+    assert stale_event["error"]["code"] == "backend_unavailable"
+    assert failed_event["error"]["code"] == "backend_unavailable"
