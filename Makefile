@@ -16,8 +16,8 @@ run: $(BIN)/.installed
 	$(BIN)/secret-sidecar run $(if $(CONFIG),-c $(CONFIG))
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check sidecar tests
-	$(BIN)/ruff format --check sidecar tests
+	$(BIN)/ruff check sidecar tests bench
+	$(BIN)/ruff format --check sidecar tests bench
 	$(BIN)/mypy
 
 test: lint
