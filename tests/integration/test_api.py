@@ -6,12 +6,13 @@ import asyncio
 import io
 import json
 import os
+import socket
 import subprocess
 
 import pytest
 
 from tests.integration.conftest import SECRETS, MakeDaemon
-from tests.integration.harness import Daemon, require_program, wait_until
+from tests.integration.harness import Daemon, free_port, require_program, wait_until
 
 
 async def test_get_secret_answers_value_and_cache_information(daemon: Daemon) -> None:
@@ -210,3 +211,28 @@ async def test_forbidden_for_peer_outside_client_rules(make_daemon: MakeDaemon) 
     assert (status, body["error"]["code"]) == (403, "forbidden")
     status, body = await daemon.request("POST", "/v1/refresh")
     assert (status, body["error"]["code"]) == (403, "forbidden")
+
+
+async def test_backend_unavailable_and_timeout_codes(make_daemon: MakeDaemon) -> None:
+    """A backend that refuses connections is 503; one that never answers is 504."""
+    closed = free_port()
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()  # accepts connections, never speaks gRPC
+    mute = silent.getsockname()[1]
+    try:
+        vaults = [
+            {"prefix": "down", "name": "gcp",
+             "config": {"project_id": "p", "emulator_host": f"127.0.0.1:{closed}"}},
+            {"prefix": "mute", "name": "gcp",
+             "config": {"project_id": "p", "emulator_host": f"127.0.0.1:{mute}"}},
+        ]  # fmt: skip
+        config = {"vaults": vaults, "cache": {"backend_timeout": 0.5, "retry_backoff": 0.01}}
+        daemon = await make_daemon(config).started()
+        status, body = await daemon.get("{vault://down/db}")
+        assert (status, body["error"]["code"]) == (503, "backend_unavailable")
+        status, body = await daemon.get("{vault://mute/db}")
+        assert (status, body["error"]["code"]) == (504, "backend_timeout")
+        assert "did not answer within 0.5 s" in body["error"]["message"]
+    finally:
+        silent.close()
