@@ -248,7 +248,11 @@ class Resolver:
     def _batch_loaders(
         self, vault: Vault, backend: BatchBackend, settings: VaultSettings, keys: list[SecretKey]
     ) -> dict[SecretKey, Callable[[], Awaitable[Fetched]]]:
-        """One loader per key, all served by one lazily started ``fetch_many`` call."""
+        """One loader per key, all served by one lazily started ``fetch_many`` call.
+
+        A key the batch failed transiently (throttled part of a batch) gets a single,
+        retried fetch of its own rather than waiting for the next refresh.
+        """
         items = [(key.secret_id, key.version) for key in keys]
         batch: asyncio.Future[list[Fetched | BackendFailure]] | None = None
 
@@ -261,6 +265,8 @@ class Resolver:
                 )
             result = (await asyncio.shield(batch))[index]
             if isinstance(result, BackendFailure):
+                if result.transient:
+                    return await self._fetch(vault, keys[index])
                 raise result
             return decoded(result, settings)
 

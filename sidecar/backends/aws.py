@@ -213,7 +213,7 @@ class AwsBackend:
         self._environ = os.environ if environ is None else environ
         self._now = now or (lambda: datetime.now(UTC))
         self._clients: dict[Target, Any] = {}
-        self._no_batch: set[Target] = set()
+        self._batching: dict[Target, bool] = {}  # False: refused; unknown until the first batch
         self._stack = AsyncExitStack()
         self._lock = asyncio.Lock()
 
@@ -237,6 +237,7 @@ class AwsBackend:
             return self._clients[target]
 
     async def _connect(self, t: Target) -> Any:
+        """The secretsmanager client (and, for a role, the STS client its credentials use)."""
         config = AioConfig(
             retries={"total_max_attempts": 1, "mode": "standard"},
             connect_timeout=t.connect_timeout,
@@ -244,21 +245,25 @@ class AwsBackend:
             max_pool_connections=2 * PARALLEL,
             user_agent_extra="secret-sidecar",
         )
-        session = AioSession()
-        if t.assume_role_arn:
-            sts = await self._stack.enter_async_context(
-                session.create_client(
-                    "sts", region_name=t.region, endpoint_url=t.sts_endpoint_url, config=config
-                )
-            )
-            role = _AssumedRole(sts, t.assume_role_arn, t.role_session_name, self._now)
+        async with AsyncExitStack() as stack:  # closes what was opened if a step fails
             session = AioSession()
-            session.register_component("credential_provider", AioCredentialResolver([role]))
-        return await self._stack.enter_async_context(
-            session.create_client(
-                "secretsmanager", region_name=t.region, endpoint_url=t.endpoint_url, config=config
-            )
-        )
+            if t.assume_role_arn:
+                sts = await stack.enter_async_context(
+                    session.create_client(
+                        "sts", region_name=t.region, endpoint_url=t.sts_endpoint_url, config=config
+                    )
+                )
+                role = _AssumedRole(sts, t.assume_role_arn, t.role_session_name, self._now)
+                session = AioSession()
+                session.register_component("credential_provider", AioCredentialResolver([role]))
+            client = await stack.enter_async_context(
+                session.create_client(
+                    "secretsmanager", region_name=t.region, endpoint_url=t.endpoint_url,
+                    config=config,
+                )
+            )  # fmt: skip
+            self._stack.push_async_callback(stack.pop_all().aclose)
+        return client
 
     async def fetch(self, secret_id: str, version: int | None, settings: AwsSettings) -> Fetched:
         chosen = selector(version, settings)
@@ -291,7 +296,7 @@ class AwsBackend:
             except InvalidVersion as exc:
                 results[index] = exc
                 continue
-            if chosen == (("VersionStage", CURRENT),) and target not in self._no_batch:
+            if chosen == (("VersionStage", CURRENT),) and self._batching.get(target, True):
                 current.setdefault(secret_id, []).append(index)
             else:
                 singles.append((index, chosen))
@@ -299,6 +304,8 @@ class AwsBackend:
         ids = list(current)
         chunks = [ids[i : i + BATCH_SIZE] for i in range(0, len(ids), BATCH_SIZE)]
         answers: dict[str, Fetched | BackendFailure] = {}
+        if chunks and target not in self._batching:  # one probe, not 50 refusals at once
+            answers.update(await self._batch(client, target, chunks.pop(0), gate))
         for found in await asyncio.gather(*(self._batch(client, target, c, gate) for c in chunks)):
             answers.update(found)
         for secret_id, indexes in current.items():
@@ -316,32 +323,43 @@ class AwsBackend:
 
         await asyncio.gather(*(single(index, chosen) for index, chosen in singles))
         ordered = [results[index] for index in range(len(items))]
-        if ordered and all(isinstance(r, BackendFailure) and r.transient for r in ordered):
-            raise ordered[0]  # type: ignore[misc]
+        failures = [r for r in ordered if isinstance(r, BackendFailure) and r.transient]
+        if failures and len(failures) == len(ordered):
+            raise failures[0]
         return ordered
 
     async def _batch(
         self, client: Any, target: Target, ids: list[str], gate: asyncio.Semaphore
     ) -> dict[str, Fetched | BackendFailure]:
-        """Answers by secret id; ids missing from it go to single calls."""
-        what = f"batch of {len(ids)} secrets"
+        """Answers by secret id; ids left out of it go to single calls."""
         async with gate:
+            if not self._batching.get(target, True):
+                return {}
             try:
                 response = await client.batch_get_secret_value(SecretIdList=ids)
             except (ClientError, BotoCoreError) as exc:
-                failure = map_error(exc, what)
-                if failure.transient:
-                    return dict.fromkeys(ids, failure)
-                if isinstance(exc, ClientError) and (
-                    exc.response.get("Error", {}).get("Code") in _BATCH_REFUSED
-                ):
-                    self._no_batch.add(target)
-                return {}  # singles will tell each secret's own story
+                code = (
+                    exc.response.get("Error", {}).get("Code")
+                    if isinstance(exc, ClientError)
+                    else None
+                )
+                if code in _BATCH_REFUSED:  # no permission for, or no such, operation
+                    self._batching[target] = False
+                    return {}
+                failure = map_error(exc, "batch")
+                credentials = isinstance(exc, NoCredentialsError | PartialCredentialsError)
+                if failure.transient or isinstance(failure, AccessDenied) or credentials:
+                    return {name: map_error(exc, _what(name)) for name in ids}  # same for singles
+                return {}  # e.g. a malformed id: single calls tell each secret's own story
+        self._batching[target] = True
         answers: dict[str, Fetched | BackendFailure] = {}
         asked = set(ids)
         for value in response.get("SecretValues", []):
             for name in {value.get("Name"), value.get("ARN")} & asked:
-                answers[name] = _settle(value, _what(name))
+                try:
+                    answers[name] = secret_text(value, _what(name))
+                except BackendFailure as exc:
+                    answers[name] = exc
         for error in response.get("Errors", []):
             if error.get("SecretId") in asked:
                 name = error["SecretId"]
@@ -356,13 +374,6 @@ class AwsBackend:
 
 def _what(secret_id: str) -> str:
     return f"secret {secret_id!r} ({CURRENT})"
-
-
-def _settle(response: Mapping[str, Any], what: str) -> Fetched | BackendFailure:
-    try:
-        return secret_text(response, what)
-    except BackendFailure as exc:
-        return exc
 
 
 KIND = BackendKind(name="aws", settings=AwsSettings, create=AwsBackend)

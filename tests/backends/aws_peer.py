@@ -174,12 +174,7 @@ class MotoProxy:
                 fault.times -= 1
             if fault.hang:
                 await self._released.wait()
-            payload = json.dumps({"__type": fault.code, "message": "injected by the test proxy"})
-            return web.Response(
-                status=fault.status,
-                body=payload.encode(),
-                content_type="application/x-amz-json-1.1",
-            )
+            return _error(fault, json_api="X-Amz-Target" in request.headers)
         assert self._http is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
         async with self._http.request(
@@ -188,6 +183,22 @@ class MotoProxy:
             answer = await upstream.read()
             back = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP}
             return web.Response(status=upstream.status, body=answer, headers=back)
+
+
+def _error(fault: Fault, *, json_api: bool) -> web.Response:
+    """The error as the protocol has it: JSON for Secrets Manager, XML for STS."""
+    message = "injected by the test proxy"
+    if json_api:
+        body = json.dumps({"__type": fault.code, "message": message})
+        kind = "application/x-amz-json-1.1"
+    else:
+        body = (
+            "<ErrorResponse><Error><Type>Sender</Type>"
+            f"<Code>{fault.code}</Code><Message>{message}</Message>"
+            "</Error><RequestId>test</RequestId></ErrorResponse>"
+        )
+        kind = "text/xml"
+    return web.Response(status=fault.status, body=body.encode(), content_type=kind)
 
 
 def _describe(request: web.Request, body: bytes) -> Call:

@@ -259,20 +259,22 @@ async def test_assume_role_denied_is_forbidden(sm: Any, proxy: MotoProxy, build:
 
 
 async def test_prefetch_of_50_uses_batch_calls(sm: Any, proxy: MotoProxy, build: Build) -> None:
-    """50 AWSCURRENT references cost 3 BatchGetSecretValue calls; #2 goes single;
-    per-secret batch errors (missing, deleted) fail only their own reference."""
+    """50 AWSCURRENT references cost 3 BatchGetSecretValue calls; #2 goes single; per-secret
+    batch errors (missing, deleted) and a bad version fail only their own reference."""
     for n in range(50):
         await sm.create_secret(Name=f"s{n}", SecretString=f"v{n}")
     await sm.put_secret_value(SecretId="s0", SecretString="v0-new")
     await sm.create_secret(Name="gone", SecretString="x")
     await sm.delete_secret(SecretId="gone", RecoveryWindowInDays=7)
     refs = [f"{{vault://sm/s{n}}}" for n in range(50)]
-    extra = ["{vault://sm/s0#1}", "{vault://sm/s0#2}", "{vault://sm/missing}", "{vault://sm/gone}"]
+    extra = ["{vault://sm/s0#1}", "{vault://sm/s0#2}", "{vault://sm/missing}", "{vault://sm/gone}",
+             "{vault://sm/s1#3}"]  # fmt: skip
     resolver = build()
     failures = await resolver.prefetch(refs + extra)
     assert {ref: exc.code for ref, exc in failures.items()} == {
         "{vault://sm/missing}": "not_found",
         "{vault://sm/gone}": "not_found",
+        "{vault://sm/s1#3}": "invalid_reference",
     }
     assert proxy.count("BatchGetSecretValue") == 3
     assert [c.params for c in proxy.calls if c.operation == "GetSecretValue"] == [
@@ -313,7 +315,7 @@ async def test_refused_batch_falls_back_to_single_calls(
     refs = [f"{{vault://sm/s{n}}}" for n in range(25)]
     assert await resolver.prefetch(refs) == {}
     assert await resolver.refresh_all() == {"ok": 25}
-    assert proxy.count("BatchGetSecretValue") == 2  # both chunks of the first prefetch
+    assert proxy.count("BatchGetSecretValue") == 1  # one probe of the first of two chunks
     assert proxy.count("GetSecretValue") == 50
     assert (await resolver.resolve("{vault://sm/s24}")).value == "v24"
 
@@ -396,9 +398,9 @@ async def test_unreachable_endpoint_is_unavailable(proxy: MotoProxy, build: Buil
 
 
 async def test_unknown_credentials_are_forbidden_without_echoing_them(
-    moto_url: str, sm: Any, build: Build
+    moto_url: str, sm: Any, proxy: MotoProxy, build: Build
 ) -> None:
-    """Keys AWS does not know are forbidden; no key appears in the message."""
+    """Keys AWS does not know are forbidden, for a batch too; no key appears in the message."""
     await sm.create_secret(Name="db", SecretString="s3cr3t")
     await moto_auth(moto_url)
     with pytest.raises(AccessDenied) as caught:
@@ -406,6 +408,10 @@ async def test_unknown_credentials_are_forbidden_without_echoing_them(
     assert caught.value.code == "forbidden"
     for leak in (ACCESS_KEY, SECRET_KEY, "s3cr3t"):
         assert leak not in caught.value.message
+    proxy.calls.clear()
+    failures = await build().prefetch(["{vault://sm/db}", "{vault://sm/other}"])
+    assert {exc.code for exc in failures.values()} == {"forbidden"}
+    assert [c.operation for c in proxy.calls] == ["BatchGetSecretValue"]  # no single retries
 
 
 async def test_no_credentials_is_a_backend_error(
