@@ -1,0 +1,214 @@
+"""Kong's ``hcv`` vault: HashiCorp Vault KV v1/v2 through hvac.
+
+hvac is synchronous (requests), so every call runs in a small thread pool this
+backend owns, never on the event loop and never in the default executor, which
+the rest of the process shares. One attempt per fetch, no retries inside hvac:
+the resolver retries transient failures within its own deadline. The token
+lifecycle (login, renewal, re-login) lives in ``hcv_auth``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, ClassVar, Literal, TypeVar
+
+from hvac import exceptions as hvac_exc
+from pydantic import Field, ValidationInfo, field_validator
+
+from sidecar.backends.base import BackendKind, Fetched, VaultSettings
+from sidecar.backends.hcv_auth import SDK_ERRORS, Session, map_error
+from sidecar.errors import AccessDenied, BackendError, SecretNotFound
+from sidecar.logging import get_logger
+
+log = get_logger("sidecar.backends.hcv")
+T = TypeVar("T")
+WORKERS = 8
+KUBE_TOKEN_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/token"  # noqa: S105 - a path
+# Fields that do not change which client (address, namespace, credentials) is used.
+_NOT_CONNECTION = frozenset({"ttl", "neg_ttl", "resurrect_ttl", "base64_decode", "mount", "kv"})
+
+
+class HcvSettings(VaultSettings):
+    """Kong's hcv fields and defaults, plus ``token_file``, TLS files and a request timeout.
+
+    ``auth_method`` is declared last so its validator sees the credential fields
+    and can say which one is missing without echoing any of them.
+    """
+
+    secret_fields: ClassVar[frozenset[str]] = frozenset(
+        {"token", "approle_role_id", "approle_secret_id", "client_key"}
+    )
+
+    protocol: Literal["http", "https"] = "http"
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=8200, ge=1, le=65535)
+    namespace: str | None = None
+    mount: str = Field(default="secret", min_length=1)
+    kv: Literal["v1", "v2"] = "v1"
+    token: str | None = None
+    token_file: str | None = None
+    kube_role: str | None = None
+    kube_auth_path: str = "kubernetes"
+    kube_api_token_file: str = KUBE_TOKEN_FILE
+    approle_auth_path: str = "approle"
+    approle_role_id: str | None = None
+    approle_secret_id: str | None = None
+    approle_secret_id_file: str | None = None
+    approle_response_wrapping: bool = False
+    ca_cert: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+    timeout: float = Field(default=5.0, gt=0)  # per request (connect, read); resolver bounds all
+    auth_method: Literal["token", "approle", "kubernetes"] = Field(
+        default="token", validate_default=True
+    )
+
+    @field_validator("auth_method")
+    @classmethod
+    def _credentials_present(cls, method: str, info: ValidationInfo) -> str:
+        """Kong's rules: what each auth method needs before anything is sent."""
+        data = info.data
+        if method == "token" and not (data.get("token") or data.get("token_file")):
+            raise ValueError("token auth needs token or token_file")
+        if method == "approle" and not data.get("approle_role_id"):
+            raise ValueError("approle auth needs approle_role_id")
+        if method == "approle" and not (
+            data.get("approle_secret_id") or data.get("approle_secret_id_file")
+        ):
+            raise ValueError("approle auth needs approle_secret_id or approle_secret_id_file")
+        if method == "kubernetes" and not data.get("kube_role"):
+            raise ValueError("kubernetes auth needs kube_role")
+        if bool(data.get("client_cert")) != bool(data.get("client_key")):
+            raise ValueError("client_cert and client_key go together")
+        return method
+
+
+def _read(client: Any, settings: HcvSettings, secret_id: str, version: int | None) -> Any:
+    """Blocking: one GET, ``/v1/<mount>/data/<path>[?version=n]`` or ``/v1/<mount>/<path>``."""
+    if settings.kv == "v2":
+        return client.secrets.kv.v2.read_secret_version(
+            secret_id, version=version, mount_point=settings.mount, raise_on_deleted_version=False
+        )
+    return client.secrets.kv.v1.read_secret(secret_id, mount_point=settings.mount)
+
+
+def fetched_from(response: Any, settings: HcvSettings, what: str) -> Fetched:
+    """Kong's value: the whole data map as JSON (the resolver picks a key out of it)."""
+    if not isinstance(response, dict) or not isinstance(response.get("data"), dict):
+        raise BackendError(f"{what}: unexpected answer from Vault")
+    data: Any = response["data"]
+    version = None
+    if settings.kv == "v2":
+        metadata = data.get("metadata") or {}
+        data = data.get("data")
+        if data is None or metadata.get("deletion_time") or metadata.get("destroyed"):
+            raise SecretNotFound(f"{what}: version is deleted or destroyed")
+        if metadata.get("version") is not None:
+            version = str(metadata["version"])
+    if not isinstance(data, dict):
+        raise BackendError(f"{what}: secret data is not a JSON object")
+    return Fetched(json.dumps(data, ensure_ascii=False, separators=(",", ":")), version)
+
+
+class HcvBackend:
+    """One ``Session`` per effective connection config, made on first use in the loop.
+
+    ``clock`` and ``sleep`` drive token renewal; tests pass a manual timeline.
+    """
+
+    def __init__(
+        self,
+        vault: str,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._vault = vault
+        self._clock, self._sleep = clock, sleep
+        self._executor: ThreadPoolExecutor | None = None
+        self._sessions: dict[tuple[tuple[str, Any], ...], Session] = {}
+        self._lock = asyncio.Lock()
+        # Auth outcomes by (operation, outcome): login/renew/lookup/unwrap x ok/failed/...
+        self.auth_events: Counter[tuple[str, str]] = Counter()
+
+    async def start(self) -> None:
+        """The thread pool; logins wait for the first fetch, whose settings pick the client."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(WORKERS, thread_name_prefix=f"hcv-{self._vault}")
+
+    def _run(self, call: Callable[[], T]) -> Awaitable[T]:
+        if self._executor is None:
+            raise BackendError(f"vault {self._vault!r} is not started")
+        return asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    def _observe(self, operation: str, outcome: str) -> None:
+        self.auth_events[(operation, outcome)] += 1
+
+    def token_ttl_remaining(self) -> dict[str, float | None]:
+        """Seconds left on each session's token (None: never expires), for status/metrics."""
+        return {s.about: s.ttl_remaining() for s in self._sessions.values()}
+
+    async def session(self, settings: HcvSettings) -> Session:
+        key = tuple(settings.model_dump(exclude=set(_NOT_CONNECTION)).items())
+        session = self._sessions.get(key)
+        if session is not None:
+            return session
+        async with self._lock:
+            session = self._sessions.get(key)
+            if session is None:
+                session = Session(
+                    self._vault,
+                    settings,
+                    self._run,
+                    clock=self._clock,
+                    sleep=self._sleep,
+                    observe=self._observe,
+                )
+                try:
+                    await session.open()
+                except BaseException:
+                    session.client.adapter.close()
+                    raise
+                self._sessions[key] = session
+            return session
+
+    async def fetch(self, secret_id: str, version: int | None, settings: HcvSettings) -> Fetched:
+        session = await self.session(settings)
+        await session.check_token_file()
+        what = f"secret {settings.mount}/{secret_id}"
+        generation = session.generation
+
+        def read() -> Any:
+            return _read(session.client, settings, secret_id, version)
+
+        try:
+            try:
+                response = await self._run(read)
+            except hvac_exc.Forbidden:
+                if not await session.recover(generation):
+                    raise AccessDenied(f"{what}: permission denied by Vault policy") from None
+                log.info("hcv.read.retry_after_login", vault=self._vault, secret_id=secret_id)
+                response = await self._run(read)
+        except SDK_ERRORS as exc:
+            raise map_error(exc, what) from None
+        return fetched_from(response, settings, what)
+
+    async def close(self) -> None:
+        sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            try:
+                await session.close()
+            except Exception:  # noqa: S112 - every session must get its close
+                continue
+        if self._executor is not None:
+            # A request still running ends at its own timeout; do not block the loop on it.
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+
+KIND = BackendKind(name="hcv", settings=HcvSettings, create=HcvBackend)
