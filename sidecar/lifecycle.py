@@ -120,6 +120,9 @@ class Daemon:
             config.watch,
         )
         self.refresher = Refresher(lambda: self.state.resolver, self.cache, config.refresh.idle_ttl)
+        metrics.watch_backends(
+            lambda: [(v.prefix, v.backend_name, v.backend) for v in self.state.resolver.vaults]
+        )
         self._pinned: list[SecretKey] = []
         self._tasks: dict[str, asyncio.Task[None]] = {}
 

@@ -6,9 +6,16 @@ reference, a secret id or a value, so cardinality stays flat and nothing leaks.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from sidecar import __version__
+from sidecar.backends.base import AuthReporting
+
+BackendsView = Callable[[], Iterable[tuple[str, str, object]]]  # (vault, backend name, backend)
 
 PREFIX = "secret_sidecar"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -79,5 +86,36 @@ class Metrics:
         )  # fmt: skip
         Info(f"{PREFIX}_build", "Build information.", registry=r).info({"version": __version__})
 
+    def watch_backends(self, backends: BackendsView) -> None:
+        """Export what authenticating backends report, read at scrape time."""
+        self.registry.register(_AuthCollector(backends))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _AuthCollector(Collector):
+    def __init__(self, backends: BackendsView) -> None:
+        self._backends = backends
+
+    def collect(self) -> Iterator[Metric]:
+        calls = CounterMetricFamily(
+            f"{PREFIX}_backend_auth",
+            "Backend authentication operations (login, renew, lookup, unwrap) by outcome.",
+            labels=["vault", "backend", "operation", "outcome"],
+        )
+        ttl = GaugeMetricFamily(
+            f"{PREFIX}_backend_token_ttl_seconds",
+            "Seconds left on the backend's token with the least time left, per vault.",
+            labels=["vault", "backend"],
+        )
+        for vault, name, backend in self._backends():
+            if not isinstance(backend, AuthReporting):
+                continue
+            for (operation, outcome), count in sorted(backend.auth_events.items()):
+                calls.add_metric([vault, name, operation, outcome], count)
+            left = [s for s in backend.token_ttl_remaining().values() if s is not None]
+            if left:
+                ttl.add_metric([vault, name], min(left))
+        yield calls
+        yield ttl

@@ -116,7 +116,7 @@ class Vault:
             return
         async with self._start_lock:
             if not self.started:
-                await self.backend.start()
+                await self.backend.start(self.settings)
                 self.started = True
 
     def same_as(self, other: Vault) -> bool:

@@ -217,7 +217,7 @@ class AwsBackend:
         self._stack = AsyncExitStack()
         self._lock = asyncio.Lock()
 
-    async def start(self) -> None:
+    async def start(self, settings: AwsSettings) -> None:
         """Nothing to open yet: region, endpoint and role may differ per reference."""
 
     def target(self, settings: AwsSettings) -> Target:

@@ -7,6 +7,7 @@ nothing about caching, keys, references or HTTP. The resolver does the rest.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -51,8 +52,13 @@ class Fetched:
 class Backend(Protocol):
     """One instance per vault. Created outside the loop; ``start`` runs inside it."""
 
-    async def start(self) -> None:
-        """Open clients and authenticate. Raise a ``BackendFailure`` if that fails."""
+    async def start(self, settings: Any) -> None:
+        """Open clients and authenticate for the vault's own settings.
+
+        Readiness waits for it, so "ready" means the vault can be used. References
+        whose query changes connection settings get their clients on first use.
+        Raise a ``BackendFailure`` if it fails; it is tried again on next use.
+        """
 
     async def fetch(self, secret_id: str, version: int | None, settings: Any) -> Fetched:
         """Fetch one secret.
@@ -77,6 +83,16 @@ class BatchBackend(Backend, Protocol):
     async def fetch_many(
         self, items: Sequence[tuple[str, int | None]], settings: Any
     ) -> list[Fetched | BackendFailure]: ...
+
+
+@runtime_checkable
+class AuthReporting(Protocol):
+    """A backend that authenticates (Vault tokens) and reports it for the metrics."""
+
+    auth_events: Counter[tuple[str, str]]  # (operation, outcome) -> count
+
+    def token_ttl_remaining(self) -> dict[str, float | None]:
+        """Seconds left per token (None: never expires)."""
 
 
 @dataclass(frozen=True, slots=True)

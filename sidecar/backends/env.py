@@ -26,7 +26,7 @@ class EnvBackend:
         self._vault = vault
         self._environ = os.environ if environ is None else environ
 
-    async def start(self) -> None:
+    async def start(self, settings: EnvSettings) -> None:
         return None
 
     async def fetch(self, secret_id: str, version: int | None, settings: EnvSettings) -> Fetched:

@@ -136,7 +136,7 @@ class GcpBackend:
         self._connections: dict[ConnectionKey, _Connection] = {}
         self._lock = asyncio.Lock()
 
-    async def start(self) -> None:
+    async def start(self, settings: GcpSettings) -> None:
         """Nothing to open yet: endpoint and credentials may differ per reference."""
 
     def connection_key(self, settings: GcpSettings) -> ConnectionKey:

@@ -136,10 +136,13 @@ class HcvBackend:
         # Auth outcomes by (operation, outcome): login/renew/lookup/unwrap x ok/failed/...
         self.auth_events: Counter[tuple[str, str]] = Counter()
 
-    async def start(self) -> None:
-        """The thread pool; logins wait for the first fetch, whose settings pick the client."""
+    async def start(self, settings: HcvSettings | None = None) -> None:
+        """The thread pool, and a login with the vault's own settings (so readiness means
+        Vault accepted us). References that change connection settings log in on first use."""
         if self._executor is None:
             self._executor = ThreadPoolExecutor(WORKERS, thread_name_prefix=f"hcv-{self._vault}")
+        if settings is not None:
+            await self.session(settings)
 
     def _run(self, call: Callable[[], T]) -> Awaitable[T]:
         if self._executor is None:

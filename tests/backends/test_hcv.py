@@ -30,6 +30,7 @@ from sidecar.errors import (
     BackendUnavailable,
     ConfigError,
     SecretNotFound,
+    SidecarError,
     UnknownVault,
 )
 from sidecar.resolver import Resolver
@@ -565,3 +566,19 @@ async def test_https_with_ca_cert_and_client_cert(timeline: Timeline, tmp_path: 
     finally:
         await resolver.vaults.close()
         server.stop()
+
+
+async def test_vault_start_authenticates_so_readiness_means_usable(
+    vault: FakeVault, build: Build
+) -> None:
+    """Starting the vault looks the token up: a bad token fails start (not ready), a good
+    one succeeds before any secret is read."""
+    bad = build({"token": "not-a-token"})
+    with pytest.raises(SidecarError) as caught:
+        await bad.vaults.start()
+    assert caught.value.code in ("forbidden", "backend_error")
+    assert "not-a-token" not in caught.value.message
+    good = build()
+    await good.vaults.start()
+    assert "auth/token/lookup-self" in paths(vault)
+    assert not [p for p in paths(vault) if p.startswith("secret/")]

@@ -8,7 +8,9 @@ import subprocess
 from typing import Any
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
+from tests.backends.vault_server import FakeVault
 from tests.integration.conftest import MakeDaemon
 from tests.integration.harness import Daemon, require_program
 
@@ -130,3 +132,40 @@ async def test_canary_secret_never_appears_in_logs_metrics_or_errors(
     daemon.stop()
     assert CANARY not in daemon.logs()
     assert "secret.read" in daemon.logs()
+
+
+async def test_vault_auth_is_measured_and_passes_promtool(make_daemon: MakeDaemon) -> None:
+    """An hcv vault's token check at start shows up as backend_auth_total and the token's
+    remaining TTL as a gauge; the exposition still lints."""
+    promtool = require_program("promtool")
+    vault = FakeVault()
+    vault.enable_kv("secret", "v1")
+    vault.put("secret", "db", {"password": "p"})
+    vault.start()
+    try:
+        token = vault.create_token(ttl=3600)
+        config = {"vaults": [{"prefix": "hv", "name": "hcv",
+                              "config": {"port": vault.port, "token": token}}]}  # fmt: skip
+        daemon = await make_daemon(config).started()
+        assert (await daemon.get("{vault://hv/db/password}"))[1]["value"] == "p"
+        text = await scrape(daemon)
+    finally:
+        vault.stop()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    auth = ("vault", "hv"), ("backend", "hcv"), ("operation", "login"), ("outcome", "ok")
+    assert samples[("secret_sidecar_backend_auth_total", tuple(sorted(auth)))] == 1
+    ttl = samples[
+        ("secret_sidecar_backend_token_ttl_seconds", (("backend", "hcv"), ("vault", "hv")))
+    ]
+    assert 3000 < ttl <= 3600
+    assert token not in text
+    check = await asyncio.create_subprocess_exec(
+        promtool, "check", "metrics", stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(check.communicate(text.encode()), 30)
+    assert check.returncode == 0, out.decode()
+    assert token not in daemon.logs()
