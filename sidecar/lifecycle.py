@@ -319,7 +319,7 @@ async def serve(
         if handle_signals:
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
-        await api.cleanup()  # stop accepting, wait for in-flight handlers, then close
+        await api.cleanup()  # close idle keep-alive connections, cancel what outlived the drain
         if scrape is not None:
             await scrape.cleanup()
         await daemon.close()

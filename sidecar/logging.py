@@ -29,6 +29,8 @@ SENSITIVE_KEYS = frozenset(
         "secret_access_key",
         "approle_secret_id",
         "client_key",
+        "client_token",
+        "jwt",
     }
 )
 

@@ -101,6 +101,16 @@ class Target:
     key: SecretKey
     policy: Policy
 
+    def loggable(self, text: str) -> str:
+        """The reference as logs may show it: a query carrying a credential (an hcv
+        ``?token=``) is cut, since the caller put a secret in the reference itself."""
+        config = self.reference.config or {}
+        if not self.vault.kind.settings.secret_fields.intersection(config):
+            return text
+        head, _, rest = text.partition("?")
+        _, version, fragment = rest.partition("#")
+        return f"{head}?<redacted>" + (f"#{fragment}" if version else "}")
+
 
 class Resolver:
     def __init__(

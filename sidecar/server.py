@@ -153,9 +153,10 @@ async def _read(state: State, peer: Peer, ref: str, *, force: bool = False) -> A
     """
     _check_length(ref)
     outcome, vault = "ok", None
+    shown = ref.partition("?")[0]  # until parsed, a query might carry a credential
     try:
         target = state.resolver.target(ref)
-        vault = target.vault.prefix
+        vault, shown = target.vault.prefix, target.loggable(ref)
         state.access.check(peer, target.reference)
         answer = await state.resolver.resolve_target(ref, target, force=force)
         outcome = answer.lookup.result.value
@@ -166,7 +167,7 @@ async def _read(state: State, peer: Peer, ref: str, *, force: bool = False) -> A
     finally:
         structlog.contextvars.bind_contextvars(vault=vault, cache=outcome)
         audit.info(
-            "secret.read", ref=ref, vault=vault, uid=peer.uid, gid=peer.gid, pid=peer.pid,
+            "secret.read", ref=shown, vault=vault, uid=peer.uid, gid=peer.gid, pid=peer.pid,
             outcome=outcome,
         )  # fmt: skip
 
@@ -250,7 +251,8 @@ async def watch(request: web.Request) -> web.StreamResponse:
     cache = state.resolver.cache
     for key in targets:
         cache.pin(key)
-    audit.info("secret.watch", refs=refs, uid=peer.uid, gid=peer.gid, pid=peer.pid,
+    shown = [target.loggable(ref) for pairs in targets.values() for ref, target in pairs]
+    audit.info("secret.watch", refs=shown, uid=peer.uid, gid=peer.gid, pid=peer.pid,
                include_values=include_values)  # fmt: skip
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
