@@ -241,7 +241,7 @@ async def test_request_timeout_is_sent_and_enforced(fake: FakeSecretManager, bui
     await resolver.resolve("{vault://sm/db}")
     remaining = fake.calls[0].time_remaining
     assert remaining is not None
-    assert 0 < remaining <= 2.5
+    assert 0 < remaining <= 2.6  # gRPC's timeout header rounds (seen: 2.509 s server-side)
     fake.hang = True
     with pytest.raises(BackendTimeout):
         await resolver.resolve("{vault://sm/db?timeout=0.05#1}")
