@@ -163,6 +163,9 @@ class Cache:
             now = self.clock()
             entry.last_used = now
             self._entries.move_to_end(key)
+            if entry.is_fresh(now):  # even if its early refresh failed: still within ttl
+                self.observe(LookupResult.HIT)
+                return self._lookup(entry, LookupResult.HIT, now)
             if entry.is_held(now):
                 if entry.can_resurrect(now):
                     self.observe(LookupResult.STALE)
@@ -171,9 +174,6 @@ class Cache:
                 assert entry.failure is not None
                 # a fresh traceback each time: re-raising would grow the stored one
                 raise entry.failure.with_traceback(None)
-            if entry.is_fresh(now):
-                self.observe(LookupResult.HIT)
-                return self._lookup(entry, LookupResult.HIT, now)
         task = self._loads.get(key)
         if task is None:
             task = asyncio.ensure_future(self._load(key, policy, load))

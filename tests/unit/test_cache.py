@@ -276,3 +276,19 @@ async def test_idle_entries_are_found_unless_pinned(cache: Cache, clock: ManualC
     assert not cache.is_idle(key("b"), clock.now, None)
     cache.unpin(key("b"))
     assert cache.is_idle(key("b"), clock.now, None)
+
+
+async def test_value_within_ttl_is_fresh_even_if_its_early_refresh_failed(
+    cache: Cache, clock: ManualClock
+) -> None:
+    """A background refresh failing at 90 % of ttl does not mark answers stale before expiry."""
+    backend = Backend()
+    await cache.get(key(), POLICY, backend.load)
+    clock.advance(54)
+    backend.failure = BackendUnavailable("down")
+    refreshed = await cache.get(key(), POLICY, backend.load, force=True)
+    assert refreshed.stale  # the refresh itself reports what happened
+    read = await cache.get(key(), POLICY, backend.load)
+    assert (read.result, read.stale) == (LookupResult.HIT, False)
+    clock.advance(6)
+    assert (await cache.get(key(), POLICY, backend.load)).stale
