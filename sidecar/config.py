@@ -136,9 +136,6 @@ class VaultEntity(_Model):
             raise ValueError(f"must not be a backend name ({', '.join(BACKEND_NAMES)})")
         return value
 
-    def __hash__(self) -> int:  # config is a dict: hash what identifies the entity
-        return hash((self.prefix, self.name))
-
 
 class ClientRule(_Model):
     """Peer-credential ACL: globs over ``<vault name>/<secret id>``."""

@@ -120,14 +120,9 @@ class Vault:
                 self.started = True
 
     def same_as(self, other: Vault) -> bool:
-        """Unchanged across a reload: same backend, same entity, same resolved raw config."""
-        return (
-            self.kind.name == other.kind.name
-            and self.raw == other.raw
-            and self.limits == other.limits
-            and (self.entity.model_dump() if self.entity else None)
-            == (other.entity.model_dump() if other.entity else None)
-        )
+        """Unchanged across a reload: same backend, resolved config and limits (a new
+        description or tags do not retire a vault and its cache entries)."""
+        return (self.kind.name, self.raw, self.limits) == (other.kind.name, other.raw, other.limits)
 
 
 class VaultRegistry:
