@@ -23,7 +23,11 @@ OK, FAILED, USAGE = 0, 1, 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="secret-sidecar", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="secret-sidecar",
+        description="Resolve Kong vault references for a gateway over a Unix socket.",
+        epilog="Exit codes: 0 ok, 1 runtime failure, 2 usage or config error.",
+    )
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the daemon")
