@@ -55,7 +55,9 @@ class State:
     events: EventBus
     watch: WatchConfig
     ready: bool = False
-    not_ready: dict[str, str] = field(default_factory=dict)
+    not_ready: dict[str, str] = field(
+        default_factory=lambda: {"startup": "starting vaults and resolving prefetch references"}
+    )
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # set when in_flight is 0
 

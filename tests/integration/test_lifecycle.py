@@ -20,6 +20,11 @@ async def test_readiness_waits_for_prefetch_and_reload_fixes_it(make_daemon: Mak
     """/readyz is 503 naming the missing prefetch ref; a SIGHUP with a fixed config makes it 200."""
     config: dict[str, Any] = {"prefetch": ["{vault://env/not-there-yet}"]}
     daemon = await make_daemon(config).started()
+
+    async def prefetch_tried() -> bool:
+        return "startup" not in (await _ready(daemon))[1].get("missing", {})
+
+    await wait_until(prefetch_tried, what="the first prefetch attempt")
     status, body = await _ready(daemon)
     assert status == 503
     assert body["missing"] == {
