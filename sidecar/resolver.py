@@ -126,6 +126,7 @@ class Resolver:
         reference = parse(text)
         vault = self.vaults.get(reference.name)
         settings = vault.settings_for(reference.config)
+        vault.kind.check(reference.version, settings)
         key = SecretKey(vault.prefix, reference.resource, reference.version, settings)
         return Target(reference, vault, key, self.policy(settings))
 

@@ -69,16 +69,6 @@ _BATCH_REFUSED = frozenset({
 _DELETED = re.compile(r"delet", re.IGNORECASE)
 
 
-class InvalidVersion(BackendFailure, InvalidReference):
-    """A version this backend cannot express: a bad reference, answered without a call.
-
-    A ``BackendFailure`` so the resolver and cache treat it as a permanent answer.
-    """
-
-    code = "invalid_reference"
-    status = 400
-
-
 class AwsSettings(VaultSettings):
     """Kong's fields, our ``version_id``/``version_stage`` extension and per-attempt timeouts.
 
@@ -111,17 +101,21 @@ class Target:
 
 
 def selector(version: int | None, settings: AwsSettings) -> Selector:
-    """Kong's mapping (none or ``#1`` AWSCURRENT, ``#2`` AWSPREVIOUS), or the query's choice."""
+    """Kong's mapping (none or ``#1`` AWSCURRENT, ``#2`` AWSPREVIOUS), or the query's choice.
+
+    Through ``check`` the resolver runs it when a reference is bound, so an impossible
+    version is refused before any cache entry or AWS call.
+    """
     if settings.version_id or settings.version_stage:
         if version is not None:
-            raise InvalidVersion("use either #version or version_id/version_stage, not both")
+            raise InvalidReference("use either #version or version_id/version_stage, not both")
         chosen = (("VersionId", settings.version_id), ("VersionStage", settings.version_stage))
         return tuple((name, value) for name, value in chosen if value)
     if version is None or version == 1:
         return (("VersionStage", CURRENT),)
     if version == 2:
         return (("VersionStage", "AWSPREVIOUS"),)
-    raise InvalidVersion("invalid version for aws secret manager")
+    raise InvalidReference("invalid version for aws secret manager")
 
 
 def secret_text(response: Mapping[str, Any], what: str) -> Fetched:
@@ -291,11 +285,7 @@ class AwsBackend:
         current: dict[str, list[int]] = {}  # secret id -> indexes asking for AWSCURRENT
         singles: list[tuple[int, Selector]] = []
         for index, (secret_id, version) in enumerate(items):
-            try:
-                chosen = selector(version, settings)
-            except InvalidVersion as exc:
-                results[index] = exc
-                continue
+            chosen = selector(version, settings)
             if chosen == (("VersionStage", CURRENT),) and self._batching.get(target, True):
                 current.setdefault(secret_id, []).append(index)
             else:
@@ -376,4 +366,8 @@ def _what(secret_id: str) -> str:
     return f"secret {secret_id!r} ({CURRENT})"
 
 
-KIND = BackendKind(name="aws", settings=AwsSettings, create=AwsBackend)
+def check(version: int | None, settings: AwsSettings) -> None:
+    selector(version, settings)
+
+
+KIND = BackendKind(name="aws", settings=AwsSettings, create=AwsBackend, check=check)

@@ -103,3 +103,6 @@ class BackendKind:
     settings: type[VaultSettings]
     create: Callable[[str], Backend]  # called with the vault prefix, for logs and metrics
     remote: bool = True  # remote backends get the vault's concurrency and rate limits
+    # Raise ``InvalidReference`` for a version/settings pair this backend can never
+    # serve; called when a reference is bound, so it costs no cache entry or call.
+    check: Callable[[int | None, Any], None] = lambda version, settings: None
