@@ -225,7 +225,13 @@ async def test_outage_serves_stale_then_503_then_recovers_over_real_grpc(
             ):
                 stream = events(r)
                 fake.fail_always(grpc.StatusCode.UNAVAILABLE)
-                stale_event = await next_event(stream, "stale")
+                stale_event = await next_event(stream, "stale")  # the early refresh failed
+
+                async def expired() -> bool:  # within its ttl the value is still fresh
+                    _, body = await sidecar.request("GET", "/v1/secrets", ref=ref)
+                    return bool(body.get("stale"))
+
+                await wait_until(expired, within=5, what="the value to expire")
                 status, stale = await sidecar.request("GET", "/v1/secrets", ref=ref)
                 assert (status, stale["value"], stale["stale"]) == (200, "v1", True)
                 failed_event = await next_event(stream, "failed")
