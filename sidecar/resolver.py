@@ -148,7 +148,6 @@ class Resolver:
 
         ``force`` fetches again even if fresh (a manual refresh) and counts the outcome.
         """
-        outcome = "ok"
         try:
             lookup = await self.cache.get(
                 target.key,
@@ -156,15 +155,22 @@ class Resolver:
                 lambda: self._fetch(target.vault, target.key),
                 force=force,
             )
-            if lookup.stale:
-                outcome = "stale"
         except SidecarError as exc:
-            outcome = exc.code
-            raise
-        finally:
             if force:
-                self.metrics.refreshes.labels(outcome).inc()
+                self._count_refresh(exc)
+            raise
+        if force:
+            self._count_refresh(lookup)
         return self._answer(text, target.reference, lookup)
+
+    def _count_refresh(self, result: Lookup | SidecarError) -> str:
+        """Name a refresh's outcome (``ok``, ``stale`` or the error code) and count it."""
+        if isinstance(result, SidecarError):
+            outcome = result.code
+        else:
+            outcome = "stale" if result.stale else "ok"
+        self.metrics.refreshes.labels(outcome).inc()
+        return outcome
 
     async def _fetch(self, vault: Vault, key: SecretKey) -> Fetched:
         backend = vault.backend
@@ -209,11 +215,7 @@ class Resolver:
         """Fetch these entries again now; count outcomes (``ok``, ``stale`` or an error code)."""
         counts: dict[str, int] = {}
         for result in (await self.load(keys, force=True)).values():
-            if isinstance(result, SidecarError):
-                outcome = result.code
-            else:
-                outcome = "stale" if result.stale else "ok"
-            self.metrics.refreshes.labels(outcome).inc()
+            outcome = self._count_refresh(result)
             counts[outcome] = counts.get(outcome, 0) + 1
         return counts
 
