@@ -85,10 +85,16 @@ class Metrics:
             ["outcome"], registry=r,
         )  # fmt: skip
         Info(f"{PREFIX}_build", "Build information.", registry=r).info({"version": __version__})
+        self._auth = _AuthCollector(lambda: ())
+        r.register(self._auth)
 
     def watch_backends(self, backends: BackendsView) -> None:
-        """Export what authenticating backends report, read at scrape time."""
-        self.registry.register(_AuthCollector(backends))
+        """Export what authenticating backends report, read at scrape time.
+
+        Registered once above and pointed at the current vaults here, so a second
+        daemon on the same ``Metrics`` (tests, reloads) cannot register it twice.
+        """
+        self._auth.backends = backends
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -96,7 +102,7 @@ class Metrics:
 
 class _AuthCollector(Collector):
     def __init__(self, backends: BackendsView) -> None:
-        self._backends = backends
+        self.backends = backends
 
     def collect(self) -> Iterator[Metric]:
         calls = CounterMetricFamily(
@@ -109,7 +115,7 @@ class _AuthCollector(Collector):
             "Seconds left on the backend's token with the least time left, per vault.",
             labels=["vault", "backend"],
         )
-        for vault, name, backend in self._backends():
+        for vault, name, backend in self.backends():
             if not isinstance(backend, AuthReporting):
                 continue
             for (operation, outcome), count in sorted(backend.auth_events.items()):
