@@ -104,7 +104,8 @@ def _one_shot_resolver(config: Config) -> Resolver:
     from sidecar.vaults import VaultRegistry  # noqa: PLC0415
 
     cache = Cache(max_entries=config.cache.max_entries)
-    return Resolver(VaultRegistry(config.vaults), cache, config.cache, Metrics())
+    vaults = VaultRegistry(config.vaults, limits=config.limits)
+    return Resolver(vaults, cache, config.cache, Metrics())
 
 
 async def _resolve(config: Config, ref: str) -> int:

@@ -15,9 +15,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sidecar.backends import BACKEND_NAMES
 from sidecar.errors import ConfigError
 
-BACKEND_NAMES = ("env", "aws", "gcp", "hcv")
 PREFIX_PATTERN = r"^[a-z][a-z0-9-]*[a-z0-9]$"
 Seconds = Annotated[float, Field(ge=0)]
 
@@ -133,7 +133,7 @@ class VaultEntity(_Model):
     @classmethod
     def _not_a_backend(cls, value: str) -> str:
         if value in BACKEND_NAMES:
-            raise ValueError(f"must not be a backend name ({', '.join(BACKEND_NAMES)})")
+            raise ValueError(f"must not be a backend name ({', '.join(sorted(BACKEND_NAMES))})")
         return value
 
 
