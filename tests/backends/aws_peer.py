@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import aiohttp
+import pytest
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
 from aiohttp import web
@@ -48,6 +49,17 @@ def isolate_environment(environ: MutableMapping[str, str], config_dir: str) -> N
     environ["AWS_CONFIG_FILE"] = os.path.join(config_dir, "aws-config")
     environ["AWS_SHARED_CREDENTIALS_FILE"] = os.path.join(config_dir, "aws-credentials")
     environ["AWS_EC2_METADATA_DISABLED"] = "true"
+
+
+def isolate_process_environment(monkeypatch: pytest.MonkeyPatch, config_dir: str) -> None:
+    """``isolate_environment`` applied to this process through ``monkeypatch`` (undone
+    after the test): the backend's credential chain reads ``os.environ``."""
+    for name in CHAIN_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    environ: dict[str, str] = {}
+    isolate_environment(environ, config_dir)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
 
 
 @contextmanager

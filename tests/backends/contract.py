@@ -24,11 +24,10 @@ import pytest
 from sidecar.backends.env import variable_name
 from sidecar.config import VaultEntity
 from tests.backends.aws_peer import (
-    CHAIN_VARIABLES,
     REGION,
     MotoProxy,
     aws_client,
-    isolate_environment,
+    isolate_process_environment,
     moto_reset,
 )
 from tests.backends.gcp_server import FakeSecretManager
@@ -222,12 +221,7 @@ async def _aws(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, moto_url: str
 ) -> AsyncIterator[Peer]:
     """A clean moto behind a fresh proxy; the credential chain sees fake keys only."""
-    for variable in CHAIN_VARIABLES:
-        monkeypatch.delenv(variable, raising=False)
-    environ: dict[str, str] = {}
-    isolate_environment(environ, str(tmp_path))
-    for variable, value in environ.items():
-        monkeypatch.setenv(variable, value)
+    isolate_process_environment(monkeypatch, str(tmp_path))
     await moto_reset(moto_url)
     proxy = await MotoProxy(moto_url).start()
     try:

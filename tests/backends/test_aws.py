@@ -26,11 +26,10 @@ from sidecar.errors import (
 from sidecar.resolver import Resolver
 from tests.backends.aws_peer import (
     ACCESS_KEY,
-    CHAIN_VARIABLES,
     SECRET_KEY,
     MotoProxy,
     aws_client,
-    isolate_environment,
+    isolate_process_environment,
     moto_auth,
     moto_reset,
     moto_server,
@@ -50,12 +49,7 @@ def moto_url() -> Iterator[str]:
 @pytest.fixture
 def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
     """The standard chain sees fake env credentials only: never a real profile or IMDS."""
-    for name in CHAIN_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    environ: dict[str, str] = {}
-    isolate_environment(environ, str(tmp_path))
-    for name, value in environ.items():
-        monkeypatch.setenv(name, value)
+    isolate_process_environment(monkeypatch, str(tmp_path))
     return monkeypatch
 
 
