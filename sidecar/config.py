@@ -8,7 +8,9 @@ A Kong decK file loads as is: its ``vaults:`` are ours, other entities ignored.
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -20,6 +22,13 @@ from sidecar.errors import ConfigError
 
 PREFIX_PATTERN = r"^[a-z][a-z0-9-]*[a-z0-9]$"
 Seconds = Annotated[float, Field(ge=0)]
+SUN_PATH_MAX = 107  # bytes of a Unix socket path (sun_path is 108 with its NUL)
+# Sections whose values may be echoed in errors; ``vaults`` hold credentials, so never.
+_ECHOED = frozenset({"listen", "metrics", "log", "cache", "refresh", "limits", "watch"})
+
+
+def _never(loc: tuple[int | str, ...]) -> bool:
+    return False
 
 
 class _Model(BaseModel):
@@ -33,6 +42,21 @@ class ListenConfig(_Model):
     max_concurrent_requests: int = Field(default=1024, gt=0)
     backlog: int = Field(default=1024, gt=0)  # pending connections (gateway workers start at once)
     drain_timeout: Seconds = 10.0
+    max_connections: int = Field(default=1024, gt=0)  # open at once; beyond: 429 and close
+    header_timeout: float = Field(default=10.0, gt=0)  # a request's line and headers (slowloris)
+    body_timeout: float = Field(default=10.0, gt=0)  # reading a request body
+    idle_timeout: float = Field(default=75.0, gt=0)  # a keep-alive connection with no request
+    max_header_size: int = Field(default=8190, ge=256, le=65536)  # request line or one header
+    max_headers: int = Field(default=64, gt=0, le=1024)
+
+    @field_validator("socket")
+    @classmethod
+    def _fits(cls, path: Path) -> Path:
+        """The kernel silently truncates longer paths in some calls and refuses in others."""
+        size = len(os.fsencode(path))
+        if size > SUN_PATH_MAX:
+            raise ValueError(f"is {size} bytes; a Unix socket path has at most {SUN_PATH_MAX}")
+        return path
 
     @field_validator("mode", mode="before")
     @classmethod
@@ -122,7 +146,7 @@ class VaultEntity(_Model):
     prefix: str = Field(pattern=PREFIX_PATTERN)
     name: Literal["env", "aws", "gcp", "hcv"]
     description: str | None = None
-    config: dict[str, Any] = Field(default_factory=dict)
+    config: dict[str, Any] = Field(default_factory=dict, repr=False)  # credentials live here
     tags: tuple[str, ...] | None = None
     limits: LimitsConfig | None = None  # ours, not Kong's: default is the top-level limits
     id: str | None = None
@@ -138,16 +162,24 @@ class VaultEntity(_Model):
 
 
 class ClientRule(_Model):
-    """Peer-credential ACL: globs over ``<vault name>/<secret id>``."""
+    """Peer-credential ACL: globs over ``<vault name>/<secret id>``.
+
+    ``gid`` matches the peer's primary or any supplementary group. ``admin`` adds
+    what names secret ids without reading them: refresh-all, ``/v1/status`` and
+    ``/readyz`` details.
+    """
 
     uid: int | None = None
     gid: int | None = None
-    allow: tuple[str, ...]
+    allow: tuple[str, ...] = ()
+    admin: bool = False
 
     @model_validator(mode="after")
     def _has_subject(self) -> ClientRule:
         if self.uid is None and self.gid is None:
             raise ValueError("a client rule needs uid or gid")
+        if not self.allow and not self.admin:
+            raise ValueError("a client rule needs allow globs or admin: true")
         return self
 
 
@@ -192,20 +224,51 @@ class Config(_Model):
 
 
 def describe_errors(
-    exc: ValidationError, where: str, secret_fields: frozenset[str] = frozenset()
+    exc: ValidationError,
+    where: str,
+    model: type[BaseModel],
+    echo: Callable[[tuple[int | str, ...]], bool] = _never,
 ) -> str:
-    """One line per problem: the key path, what is wrong, the value (unless a credential)."""
+    """One line per problem: the key path and what is allowed; the value only if harmless.
+
+    ``echo(loc)`` says whether a value at that path may be shown (objects that hold
+    credentials: never). An unknown key's value is never shown: it is often a
+    misplaced credential.
+    """
     lines = []
-    for err in exc.errors():
-        loc = ".".join(str(part) for part in err["loc"])
-        key = str(err["loc"][-1]) if err["loc"] else ""
-        shown = "<redacted>" if key in secret_fields else _short(err.get("input"))
-        path = f"{where}.{loc}" if loc else where
-        lines.append(f"{path}: {err['msg']} (got {shown})")
+    for err in exc.errors(include_url=False):
+        loc = err["loc"]
+        path = ".".join([where, *map(str, loc)])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{path}: unknown key (allowed: {_keys_at(model, loc[:-1])})")
+        elif echo(loc):
+            lines.append(f"{path}: {err['msg']} (got {short(err.get('input'))})")
+        else:
+            lines.append(f"{path}: {err['msg']}")
     return "; ".join(lines)
 
 
-def _short(value: object) -> str:
+def _keys_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> str:
+    """The field names of the model found at ``loc`` (list indexes skipped)."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int) or not isinstance(current, type):
+            continue
+        field = current.model_fields.get(part) if issubclass(current, BaseModel) else None
+        if field is None:
+            return "see the documentation"
+        current = next(
+            (t for t in (field.annotation, *getattr(field.annotation, "__args__", ()))
+             if isinstance(t, type) and issubclass(t, BaseModel)),
+            None,
+        )  # fmt: skip
+    if not (isinstance(current, type) and issubclass(current, BaseModel)):
+        return "see the documentation"
+    return ", ".join(current.model_fields)
+
+
+def short(value: object) -> str:
+    """``repr`` cut to 80 characters: names and values from users can be anything."""
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
@@ -219,7 +282,11 @@ def load_config(path: Path | None) -> Config:
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        # PyYAML's message quotes the offending line, which may hold a credential.
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -231,4 +298,8 @@ def parse_config(raw: dict[str, Any], where: str = "config") -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(describe_errors(exc, where)) from exc
+        raise ConfigError(describe_errors(exc, where, Config, _plain_setting)) from None
+
+
+def _plain_setting(loc: tuple[int | str, ...]) -> bool:
+    return bool(loc) and loc[0] in _ECHOED

@@ -43,6 +43,23 @@ class InvalidReference(SidecarError, ValueError):
     status = 400
 
 
+class RequestTimeout(SidecarError):
+    """The client was too slow sending its request line, headers or body."""
+
+    code = "request_timeout"
+    status = 408
+
+
+class UnknownRoute(SidecarError):
+    code = "not_found"
+    status = 404
+
+
+class MethodNotAllowed(SidecarError):
+    code = "method_not_allowed"
+    status = 405
+
+
 class Forbidden(SidecarError):
     code = "forbidden"
     status = 403

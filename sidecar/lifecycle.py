@@ -1,8 +1,9 @@
 """Start -> ready -> reload -> drain -> stop, in one place.
 
 Resources start in order and close in reverse: socket, API, metrics listener,
-backends, prefetch/readiness. SIGTERM/SIGINT stop accepting, let in-flight
-requests finish within ``drain_timeout``, close backends and remove the socket.
+backends, prefetch/readiness. SIGTERM/SIGINT turn readiness off, stop accepting,
+let in-flight requests finish within ``drain_timeout``, close backends and remove
+the socket; a second one removes the socket and exits at once (exit code 1).
 SIGHUP re-reads the configuration; an invalid one is logged and the old kept.
 """
 
@@ -10,21 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import grp
 import os
 import signal
-import socket
-import stat
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from pathlib import Path
 
 from aiohttp import web
 
 from sidecar import logging as sidecar_logging
+from sidecar import unix_socket
 from sidecar.access import AccessPolicy
 from sidecar.cache import Cache, Change, Entry, Health, Schedule, SecretKey
-from sidecar.config import Config, ListenConfig
+from sidecar.config import Config
+from sidecar.connections import GuardedSite
 from sidecar.errors import ConfigError, SidecarError, StartupError
 from sidecar.logging import get_logger
 from sidecar.metrics import Metrics
@@ -37,61 +36,6 @@ from sidecar.watch import EventBus
 log = get_logger("sidecar.lifecycle")
 
 PREFETCH_RETRY_MAX = 30.0  # seconds between retries of prefetch refs that failed
-
-
-def bind_unix_socket(listen: ListenConfig) -> socket.socket:
-    """Bind, set mode and group, and only then return: ``listen()`` comes later.
-
-    Nobody can connect to a socket that is not listening, so there is no window
-    in which it exists with the umask's mode instead of ours.
-    """
-    path = listen.socket
-    _clear_stale(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(str(path))
-        os.chmod(path, listen.mode)
-        if listen.group is not None:
-            os.chown(path, -1, _gid(listen.group))
-    except (OSError, KeyError) as exc:
-        sock.close()
-        with contextlib.suppress(OSError):
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)
-        raise StartupError(f"cannot create socket {path}: {exc}") from exc
-    sock.setblocking(False)
-    return sock
-
-
-def _gid(group: str | int) -> int:
-    return group if isinstance(group, int) else grp.getgrnam(group).gr_gid
-
-
-def _clear_stale(path: Path) -> None:
-    """Remove a socket file no daemon answers on; refuse anything else."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise StartupError(f"{path} exists and is not a socket; refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        os.unlink(path)
-        log.info("socket.stale_removed", socket=str(path))
-        return
-    finally:
-        probe.close()
-    raise StartupError(f"another process is serving on {path}; stop it or choose another socket")
-
-
-def _remove_socket(path: Path, inode: int) -> None:
-    """Unlink the socket only if it is still ours (a successor may have replaced it)."""
-    with contextlib.suppress(FileNotFoundError):
-        if os.lstat(path).st_ino == inode:
-            os.unlink(path)
 
 
 class Daemon:
@@ -118,6 +62,7 @@ class Daemon:
             config.listen.max_concurrent_requests,
             self.events,
             config.watch,
+            body_timeout=config.listen.body_timeout,
         )
         self.refresher = Refresher(lambda: self.state.resolver, self.cache, config.refresh.idle_ttl)
         metrics.watch_backends(
@@ -254,6 +199,9 @@ async def _drain(daemon: Daemon, site: web.BaseSite, drain_timeout: float) -> No
     """Stop accepting, end watch streams, then let in-flight requests finish while their
     connections stay fully open (aiohttp's own shutdown stops reading request bodies)."""
     log.info("draining", in_flight=daemon.state.in_flight, timeout_seconds=drain_timeout)
+    daemon.state.ready = False
+    daemon.state.not_ready = {"draining": "the daemon is stopping"}
+    daemon.metrics.ready.set(0)
     await site.stop()
     daemon.events.end_all()
     try:
@@ -261,6 +209,17 @@ async def _drain(daemon: Daemon, site: web.BaseSite, drain_timeout: float) -> No
             await daemon.state.idle.wait()
     except TimeoutError:
         log.warning("drain.timeout", in_flight=daemon.state.in_flight)
+
+
+async def _until_stopped(
+    stop: asyncio.Event, shutdown_trigger: Callable[[], Awaitable[object]] | None
+) -> None:
+    waiters: list[asyncio.Future[object]] = [asyncio.ensure_future(stop.wait())]
+    if shutdown_trigger is not None:
+        waiters.append(asyncio.ensure_future(shutdown_trigger()))
+    _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    for waiter in pending:
+        waiter.cancel()
 
 
 async def serve(
@@ -291,29 +250,34 @@ async def serve(
             task.add_done_callback(tasks.discard)
 
     listen = config.listen
-    sock = bind_unix_socket(listen)
+    sock = unix_socket.bind(listen)
     inode = os.lstat(listen.socket).st_ino
+
+    def on_stop() -> None:
+        """The first signal drains; a second one means "now": no drain, no backend close."""
+        if not stop.is_set():
+            stop.set()
+            return
+        log.warning("stop.forced", in_flight=daemon.state.in_flight)
+        unix_socket.remove(listen.socket, inode)
+        os._exit(1)
+
     api = web.AppRunner(build_app(daemon.state), access_log=None, shutdown_timeout=1.0)
     scrape: web.AppRunner | None = None
     try:
         await api.setup()
-        site = web.SockSite(api, sock, backlog=listen.backlog)
+        site = GuardedSite(api, sock, listen)
         await site.start()
         scrape = await _start_metrics(daemon, config)
         if handle_signals:
-            loop.add_signal_handler(signal.SIGTERM, stop.set)
-            loop.add_signal_handler(signal.SIGINT, stop.set)
+            loop.add_signal_handler(signal.SIGTERM, on_stop)
+            loop.add_signal_handler(signal.SIGINT, on_stop)
             loop.add_signal_handler(signal.SIGHUP, on_hangup)
         log.info("listening", socket=str(listen.socket), metrics=config.metrics.address or None)
         daemon.start()
         if ready is not None:
             ready.set()
-        waiters: list[asyncio.Future[object]] = [asyncio.ensure_future(stop.wait())]
-        if shutdown_trigger is not None:
-            waiters.append(asyncio.ensure_future(shutdown_trigger()))
-        _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        for waiter in pending:
-            waiter.cancel()
+        await _until_stopped(stop, shutdown_trigger)
         await _drain(daemon, site, listen.drain_timeout)
     finally:
         if handle_signals:
@@ -323,7 +287,7 @@ async def serve(
         if scrape is not None:
             await scrape.cleanup()
         await daemon.close()
-        _remove_socket(listen.socket, inode)
+        unix_socket.remove(listen.socket, inode)
         log.info("stopped")
 
 

@@ -11,10 +11,11 @@ import asyncio
 import base64
 import binascii
 import json
+import re
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
@@ -39,6 +40,7 @@ from sidecar.vaults import Vault, VaultRegistry
 log = get_logger("sidecar.resolver")
 T = TypeVar("T")
 
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")  # no backend names a secret with these
 _LUA_TYPES = {bool: "boolean", int: "number", float: "number", dict: "table", list: "table"}
 
 
@@ -76,7 +78,7 @@ def decoded(fetched: Fetched, settings: VaultSettings) -> Fetched:
 @dataclass(frozen=True, slots=True)
 class Answer:
     ref: str
-    value: str
+    value: str = field(repr=False)
     version: str | None
     lookup: Lookup
 
@@ -101,16 +103,6 @@ class Target:
     key: SecretKey
     policy: Policy
 
-    def loggable(self, text: str) -> str:
-        """The reference as logs may show it: a query carrying a credential (an hcv
-        ``?token=``) is cut, since the caller put a secret in the reference itself."""
-        config = self.reference.config or {}
-        if not self.vault.kind.settings.secret_fields.intersection(config):
-            return text
-        head, _, rest = text.partition("?")
-        _, version, fragment = rest.partition("#")
-        return f"{head}?<redacted>" + (f"#{fragment}" if version else "}")
-
 
 class Resolver:
     def __init__(
@@ -123,10 +115,20 @@ class Resolver:
 
     def target(self, text: str) -> Target:
         """Parse and bind a reference; raises ``InvalidReference`` or ``UnknownVault``."""
-        reference = parse(text)
+        return self.bind(parse(text))
+
+    def bind(self, reference: Reference) -> Target:
+        """Find the vault and effective settings; what no backend must be asked is refused.
+
+        The server checks the caller's access on the parsed reference first, so a
+        caller who may not read a name learns nothing about its vault or settings.
+        """
+        for part in (reference.resource, reference.key or ""):
+            if CONTROL_CHARACTERS.search(part):
+                raise InvalidReference("secret id or key contains a control character")
         vault = self.vaults.get(reference.name)
         settings = vault.settings_for(reference.config)
-        vault.kind.check(reference.version, settings)
+        vault.kind.check(reference.resource, reference.version, settings)
         key = SecretKey(vault.prefix, reference.resource, reference.version, settings)
         return Target(reference, vault, key, self.policy(settings))
 

@@ -21,15 +21,19 @@ from sidecar.access import AccessPolicy, Peer
 from sidecar.cache import Change, SecretKey
 from sidecar.config import WatchConfig
 from sidecar.errors import (
-    Forbidden,
+    InvalidReference,
     InvalidRequest,
+    MethodNotAllowed,
     PayloadTooLarge,
+    RequestTimeout,
     SidecarError,
     TooManyRequests,
+    UnknownRoute,
 )
 from sidecar.logging import get_logger
 from sidecar.metrics import CONTENT_TYPE, Metrics
-from sidecar.resolver import Answer, Resolver, Target, extract_key
+from sidecar.reference import parse
+from sidecar.resolver import CONTROL_CHARACTERS, Answer, Resolver, Target, extract_key
 from sidecar.watch import END, Event, EventBus
 
 log = get_logger("sidecar.server")
@@ -40,6 +44,8 @@ MAX_BATCH = 1000
 MAX_REFERENCE = 4096
 # Answer even when saturated; watch streams are long-lived and limited by max_watchers.
 UNLIMITED = frozenset({"/healthz", "/readyz", "/v1/status", "/v1/watch"})
+# Signs of a request relayed from a network: the socket API is for local callers only.
+PROXY_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -54,6 +60,7 @@ class State:
     max_concurrent: int
     events: EventBus
     watch: WatchConfig
+    body_timeout: float = 10.0
     ready: bool = False
     not_ready: dict[str, str] = field(
         default_factory=lambda: {"startup": "starting vaults and resolving prefetch references"}
@@ -115,6 +122,15 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return _error(exc)
     except web.HTTPRequestEntityTooLarge:
         return _error(PayloadTooLarge(f"request body exceeds {MAX_BODY} bytes"))
+    except web.HTTPMethodNotAllowed as exc:
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        response = _error(
+            MethodNotAllowed(f"{request.method} is not allowed here (allowed: {allowed})")
+        )
+        response.headers["Allow"] = allowed
+        return response
+    except web.HTTPNotFound:
+        return _error(UnknownRoute("no such endpoint; see /v1/secrets, /v1/status, /healthz"))
     except web.HTTPException as exc:
         body = {"error": {"code": "invalid_request", "message": exc.reason}}
         return web.json_response(body, status=exc.status)
@@ -127,6 +143,9 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 @web.middleware
 async def _limit(request: web.Request, handler: Handler) -> web.StreamResponse:
     state = _state(request)
+    for name in PROXY_HEADERS:
+        if name in request.headers:
+            raise InvalidRequest(f"proxied requests are refused ({name}): the API is local-only")
     if request.path in UNLIMITED:
         return await handler(request)
     if state.in_flight >= state.max_concurrent:
@@ -143,23 +162,28 @@ async def _limit(request: web.Request, handler: Handler) -> web.StreamResponse:
             state.idle.set()
 
 
-def _check_length(ref: str) -> None:
+def _authorized(state: State, peer: Peer, ref: str) -> Target:
+    """Check size and characters, parse, check access, and only then bind to a vault."""
     if len(ref.encode("utf-8", "surrogatepass")) > MAX_REFERENCE:
         raise InvalidRequest(f"reference longer than {MAX_REFERENCE} bytes")
+    if CONTROL_CHARACTERS.search(ref):
+        raise InvalidReference("reference contains a control character")
+    reference = parse(ref)
+    state.access.check(peer, reference)
+    return state.resolver.bind(reference)
 
 
 async def _read(state: State, peer: Peer, ref: str, *, force: bool = False) -> Answer:
-    """Resolve one reference for one peer: length, parse, access, cache, audit.
+    """Resolve one reference for one peer: access, cache, audit.
 
-    The audit event names who asked for what and how it went, never the value.
+    The audit event names who asked for what and how it went, never the value. The
+    query is shown only once bound: until then it may hold anything the caller sent.
     """
-    _check_length(ref)
     outcome, vault = "ok", None
-    shown = ref.partition("?")[0]  # until parsed, a query might carry a credential
+    shown = ref.partition("?")[0][:MAX_REFERENCE]
     try:
-        target = state.resolver.target(ref)
-        vault, shown = target.vault.prefix, target.loggable(ref)
-        state.access.check(peer, target.reference)
+        target = _authorized(state, peer, ref)
+        vault, shown = target.vault.prefix, ref
         answer = await state.resolver.resolve_target(ref, target, force=force)
         outcome = answer.lookup.result.value
         return answer
@@ -190,8 +214,11 @@ async def get_secret(request: web.Request) -> web.Response:
 async def batch(request: web.Request) -> web.Response:
     state = _state(request)
     try:
-        body = await request.json(loads=json.loads)
-    except ValueError:
+        async with asyncio.timeout(state.body_timeout):
+            body = await request.json(loads=json.loads)
+    except TimeoutError:
+        raise RequestTimeout(f"request body not received within {state.body_timeout:g} s") from None
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than json can parse
         raise InvalidRequest('body must be JSON: {"refs": [...]}') from None
     refs = body.get("refs") if isinstance(body, dict) else None
     if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
@@ -215,8 +242,7 @@ async def refresh(request: web.Request) -> web.Response:
     peer = _peer(request)
     refs = request.query.getall("ref", [])
     if not refs:
-        if not state.access.allows(peer, "*", "*"):
-            raise Forbidden("refreshing everything needs a client rule allowing '*'")
+        state.access.check_admin(peer, "refreshing every entry")
         return web.json_response({"refreshed": await state.resolver.refresh_all()})
     results = []
     for ref in refs:
@@ -241,9 +267,7 @@ async def watch(request: web.Request) -> web.StreamResponse:
         raise TooManyRequests(f"more than {state.watch.max_watchers} watchers")
     targets: dict[SecretKey, list[tuple[str, Target]]] = {}
     for ref in refs:
-        _check_length(ref)
-        target = state.resolver.target(ref)
-        state.access.check(peer, target.reference)
+        target = _authorized(state, peer, ref)
         targets.setdefault(target.key, []).append((ref, target))
 
     transport = request.transport
@@ -253,7 +277,7 @@ async def watch(request: web.Request) -> web.StreamResponse:
     cache = state.resolver.cache
     for key in targets:
         cache.pin(key)
-    shown = [target.loggable(ref) for pairs in targets.values() for ref, target in pairs]
+    shown = [ref for pairs in targets.values() for ref, _ in pairs]
     audit.info("secret.watch", refs=shown, uid=peer.uid, gid=peer.gid, pid=peer.pid,
                include_values=include_values)  # fmt: skip
     response = web.StreamResponse(
@@ -307,14 +331,21 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """What is missing names secret ids: only admin peers see it (the rest: ready or not)."""
     state = _state(request)
     if state.ready:
         return web.json_response({"ready": True})
-    return web.json_response({"ready": False, "missing": state.not_ready}, status=503)
+    body: dict[str, Any] = {"ready": False}
+    if state.access.is_admin(_peer(request)):
+        body["missing"] = state.not_ready
+    return web.json_response(body, status=503)
 
 
 async def status(request: web.Request) -> web.Response:
+    """Per-vault state and last errors name secret ids: admin peers only, others get ready."""
     state = _state(request)
+    if not state.access.is_admin(_peer(request)):
+        return web.json_response({"ready": state.ready})
     body = {
         "ready": state.ready,
         "requests_in_flight": state.in_flight,
@@ -326,13 +357,13 @@ async def status(request: web.Request) -> web.Response:
 def build_app(state: State) -> web.Application:
     app = web.Application(middlewares=[_observe, _errors, _limit], client_max_size=MAX_BODY)
     app[STATE] = state
-    app.router.add_get("/v1/secrets", get_secret)
+    app.router.add_get("/v1/secrets", get_secret, allow_head=False)
     app.router.add_post("/v1/secrets:batch", batch)
     app.router.add_post("/v1/refresh", refresh)
-    app.router.add_get("/v1/watch", watch)
-    app.router.add_get("/v1/status", status)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/v1/watch", watch, allow_head=False)
+    app.router.add_get("/v1/status", status, allow_head=False)
+    app.router.add_get("/healthz", healthz, allow_head=False)
+    app.router.add_get("/readyz", readyz, allow_head=False)
     return app
 
 

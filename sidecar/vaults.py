@@ -4,6 +4,11 @@ A reference's name is either a vault entity's prefix or a backend name used
 directly. Settings are layered, highest first: the reference's query, the vault
 entity's config, ``KONG_VAULT_<NAME>_<FIELD>`` environment variables (as Kong
 reads them, so a Kong data plane's environment works unchanged), the defaults.
+
+Unlike Kong, a query may set only the fields its backend allows (cache timing,
+decoding, version selectors) plus those the vault entity opens in
+``query_overrides``; and each vault has at most ``MAX_QUERY_VARIANTS`` distinct
+effective settings, since each one may cost a client, a login and cache entries.
 """
 
 from __future__ import annotations
@@ -19,8 +24,11 @@ from aiolimiter import AsyncLimiter
 from pydantic import ValidationError
 
 from sidecar.backends import BACKEND_NAMES, Backend, BackendKind, VaultSettings, load_kind
-from sidecar.config import LimitsConfig, VaultEntity, describe_errors
+from sidecar.config import LimitsConfig, VaultEntity, describe_errors, short
 from sidecar.errors import ConfigError, InvalidReference, UnknownVault
+
+MAX_QUERY_VARIANTS = 64
+_NOT_FROM_ENV = frozenset({"query_overrides"})  # widening is written in the vault entity only
 
 
 def env_base_config(
@@ -29,7 +37,7 @@ def env_base_config(
     """Kong's base config: ``KONG_VAULT_<BACKEND>_<FIELD>``, dashes as underscores."""
     stem = "KONG_VAULT_" + backend.upper().replace("-", "_") + "_"
     base = {}
-    for name in settings.model_fields:
+    for name in settings.model_fields.keys() - _NOT_FROM_ENV:
         value = environ.get(stem + name.upper().replace("-", "_"))
         if value is not None:
             base[name] = value
@@ -42,7 +50,8 @@ class Vault:
 
     prefix: str
     kind: BackendKind
-    raw: Mapping[str, Any]  # env base config overlaid with the entity's config
+    # env base config overlaid with the entity's config: plain credentials, never shown
+    raw: Mapping[str, Any] = field(repr=False)
     settings: VaultSettings
     backend: Backend
     limits: LimitsConfig
@@ -51,8 +60,13 @@ class Vault:
     _start_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     slots: asyncio.Semaphore = field(init=False)
     limiter: AsyncLimiter = field(init=False)
+    query_fields: frozenset[str] = field(init=False)
+    _variants: dict[tuple[tuple[str, Any], ...], VaultSettings] = field(
+        init=False, default_factory=dict
+    )
 
     def __post_init__(self) -> None:
+        self.query_fields = self.kind.settings.query_fields | set(self.settings.query_overrides)
         self.slots = asyncio.Semaphore(self.limits.concurrency)
         burst = self.limits.burst
         self.limiter = AsyncLimiter(burst, burst / self.limits.rate)
@@ -93,22 +107,45 @@ class Vault:
             settings = kind.settings.model_validate(raw)
         except ValidationError as exc:
             where = f"vault {prefix!r} ({kind.name}) config"
-            raise ConfigError(describe_errors(exc, where, kind.settings.secret_fields)) from exc
+            raise ConfigError(describe_errors(exc, where, kind.settings)) from None
         if entity is not None and entity.limits is not None:
             limits = entity.limits
         return cls(prefix, kind, raw, settings, kind.create(prefix), limits, entity)
 
     def settings_for(self, query: Mapping[str, Any] | None) -> VaultSettings:
-        """The effective settings for one reference; query fields override ours."""
+        """The effective settings for one reference: allowed query fields override ours.
+
+        Refused before anything else happens, so a refused field costs no client,
+        no login and no cache entry; its value is never echoed.
+        """
         if not query:
             return self.settings
+        refused = sorted(query.keys() - self.query_fields)
+        if refused:
+            allowed = ", ".join(sorted(self.query_fields))
+            raise InvalidReference(
+                f"query field {short(refused[0])} may not be set by a reference to vault"
+                f" {self.prefix!r} (allowed: {allowed}; a vault entity can open more"
+                " with query_overrides)"
+            )
+        variant = tuple(
+            sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in query.items())
+        )
+        settings = self._variants.get(variant)
+        if settings is not None:
+            return settings
+        if len(self._variants) >= MAX_QUERY_VARIANTS:
+            raise InvalidReference(
+                f"vault {self.prefix!r} already has {MAX_QUERY_VARIANTS} distinct query"
+                " settings; use fewer query variants"
+            )
         try:
-            return self.kind.settings.model_validate({**self.raw, **query})
+            settings = self.kind.settings.model_validate({**self.raw, **query})
         except ValidationError as exc:
             where = f"reference query for vault {self.prefix!r}"
-            raise InvalidReference(
-                describe_errors(exc, where, self.kind.settings.secret_fields)
-            ) from exc
+            raise InvalidReference(describe_errors(exc, where, self.kind.settings)) from None
+        self._variants[variant] = settings
+        return settings
 
     async def ensure_started(self) -> None:
         """Start the backend once; concurrent first uses wait for the same start."""

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from aiobotocore.config import AioConfig
 from aiobotocore.credentials import AioCredentialResolver, AioDeferredRefreshableCredentials
@@ -34,7 +34,7 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as AwsConnectionError
 from pydantic import Field
 
-from sidecar.backends.base import BackendKind, Fetched, VaultSettings
+from sidecar.backends.base import QUERY_FIELDS, BackendKind, Fetched, VaultSettings
 from sidecar.errors import (
     AccessDenied,
     BackendError,
@@ -74,7 +74,10 @@ class AwsSettings(VaultSettings):
 
     No credential fields on purpose: credentials come from the standard AWS chain
     (plus ``assume_role_arn``), so none ever sits in a config file or a reference.
+    A query may pick a version; region, endpoints and role only if the vault widens it.
     """
+
+    query_fields: ClassVar[frozenset[str]] = QUERY_FIELDS | {"version_id", "version_stage"}
 
     region: str | None = Field(default=None, min_length=1)
     endpoint_url: str | None = Field(default=None, pattern=r"^https?://")
@@ -366,7 +369,7 @@ def _what(secret_id: str) -> str:
     return f"secret {secret_id!r} ({CURRENT})"
 
 
-def check(version: int | None, settings: AwsSettings) -> None:
+def check(secret_id: str, version: int | None, settings: AwsSettings) -> None:
     selector(version, settings)
 
 

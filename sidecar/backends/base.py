@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sidecar.errors import BackendFailure
+
+# What a reference's query may set on any vault: how long to cache and how to decode,
+# never where a request goes or whose credentials it carries.
+QUERY_FIELDS: frozenset[str] = frozenset({"ttl", "neg_ttl", "resurrect_ttl", "base64_decode"})
 
 
 class VaultSettings(BaseModel):
@@ -23,17 +27,39 @@ class VaultSettings(BaseModel):
     Frozen and hashable: the effective settings are part of the cache key, so a
     reference that overrides a field through its query gets its own entry.
     ``None`` for a duration means "the ``cache:`` default".
+
+    A reference's query may set only ``query_fields`` (plus what the vault entity
+    lists in ``query_overrides``): whoever writes gateway config must not be able to
+    aim the sidecar's credentials at another host, or pick its identity.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    # Field names whose values are credentials: never echoed in errors or logs.
-    secret_fields: ClassVar[frozenset[str]] = frozenset()
+    # Fields a query may set without the vault widening anything (version selectors).
+    query_fields: ClassVar[frozenset[str]] = QUERY_FIELDS
+    # Credentials, auth and file paths: no query sets them, whatever ``query_overrides`` says.
+    operator_only: ClassVar[frozenset[str]] = frozenset()
 
     ttl: float | None = Field(default=None, gt=0)
     neg_ttl: float | None = Field(default=None, ge=0)
     resurrect_ttl: float | None = Field(default=None, ge=0)
     base64_decode: bool = False
+    # Ours, not Kong's: more fields a reference's query may set on this vault (off by default).
+    query_overrides: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _widenable(self) -> VaultSettings:
+        """Only real, non-credential fields can be opened to queries, and by name."""
+        fields = set(type(self).model_fields) - {"query_overrides"}
+        for name in self.query_overrides:
+            if name not in fields:
+                raise ValueError(f"query_overrides: {name!r} is not a field of this backend")
+            if name in self.operator_only:
+                raise ValueError(
+                    f"query_overrides: {name!r} is a credential, auth or file field;"
+                    " no reference may set it"
+                )
+        return self
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +70,7 @@ class Fetched:
     version, GCP version number) when it has one, so callers can see rotation.
     """
 
-    value: str
+    value: str = field(repr=False)
     version: str | None = None
 
 
@@ -103,6 +129,7 @@ class BackendKind:
     settings: type[VaultSettings]
     create: Callable[[str], Backend]  # called with the vault prefix, for logs and metrics
     remote: bool = True  # remote backends get the vault's concurrency and rate limits
-    # Raise ``InvalidReference`` for a version/settings pair this backend can never
-    # serve; called when a reference is bound, so it costs no cache entry or call.
-    check: Callable[[int | None, Any], None] = lambda version, settings: None
+    # Raise a ``SidecarError`` (``InvalidReference``, ``Forbidden``) for a secret id,
+    # version and settings this backend must never serve; called when a reference is
+    # bound, so a refusal costs no cache entry and no backend call.
+    check: Callable[[str, int | None, Any], None] = lambda secret_id, version, settings: None

@@ -1,4 +1,10 @@
-"""Kong's ``env`` vault: secrets from this process's environment variables."""
+"""Kong's ``env`` vault: secrets from this process's environment variables.
+
+The sidecar's own environment also holds the credentials it uses for the other
+backends (``AWS_*``, ``VAULT_*``, ``GOOGLE_*``, ``KONG_VAULT_*``...). Those are never
+served, whatever the vault's ``prefix``: a reference must not turn the env backend
+into a way to read what the sidecar exists to keep to itself.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,18 @@ import os
 from collections.abc import Mapping
 
 from sidecar.backends.base import BackendKind, Fetched, VaultSettings
-from sidecar.errors import SecretNotFound
+from sidecar.errors import Forbidden, SecretNotFound
+
+# Variables read as credentials or credential locations by the sidecar or its SDKs.
+RESERVED_PREFIXES = (
+    "AWS_",  # botocore: keys, session token, profile, role and web-identity files
+    "KONG_VAULT_",  # base config of every backend used directly, tokens included
+    "VAULT_",  # hvac and the Vault CLI: VAULT_TOKEN, VAULT_ADDR, client certificates
+    "GOOGLE_",  # GOOGLE_APPLICATION_CREDENTIALS and friends
+    "GCP_",
+    "CLOUDSDK_",  # gcloud's own configuration and credentials
+    "SECRET_MANAGER_",  # the GCP emulator address
+)
 
 
 class EnvSettings(VaultSettings):
@@ -17,6 +34,16 @@ def variable_name(secret_id: str, version: int | None, prefix: str | None) -> st
     """Kong's rule: upper(prefix + id), dashes to underscores; ``#2`` is ``_PREVIOUS``."""
     name = ((prefix or "") + secret_id).upper().replace("-", "_")
     return f"{name}_PREVIOUS" if version == 2 else name
+
+
+def check(secret_id: str, version: int | None, settings: EnvSettings) -> None:
+    """Refuse the sidecar's own credentials before anything is looked up or cached."""
+    name = variable_name(secret_id, version, settings.prefix)
+    if name.startswith(RESERVED_PREFIXES):
+        raise Forbidden(
+            f"environment variable {name} is reserved for the sidecar's own credentials"
+            f" (no variable starting with {', '.join(RESERVED_PREFIXES)} is served)"
+        )
 
 
 class EnvBackend:
@@ -40,4 +67,4 @@ class EnvBackend:
         return None
 
 
-KIND = BackendKind(name="env", settings=EnvSettings, create=EnvBackend, remote=False)
+KIND = BackendKind(name="env", settings=EnvSettings, create=EnvBackend, remote=False, check=check)

@@ -54,8 +54,8 @@ _TRANSIENT = frozenset(
 class GcpSettings(VaultSettings):
     """Kong's ``project_id`` plus what a sidecar outside Kong needs to reach the API."""
 
-    # A path, not a key, but a mistakenly pasted key JSON must not be echoed.
-    secret_fields: ClassVar[frozenset[str]] = frozenset({"credentials_file"})
+    # A file the sidecar reads: never named by a reference.
+    operator_only: ClassVar[frozenset[str]] = frozenset({"credentials_file"})
 
     project_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9.:_-]*$")
     location: str | None = Field(default=None, pattern=r"^[a-z0-9-]+$")

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, Literal, TypeVar
 
 from hvac import exceptions as hvac_exc
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 
 from sidecar.backends.base import BackendKind, Fetched, VaultSettings
 from sidecar.backends.hcv_auth import SDK_ERRORS, Session, map_error
@@ -40,9 +40,13 @@ class HcvSettings(VaultSettings):
     and can say which one is missing without echoing any of them.
     """
 
-    secret_fields: ClassVar[frozenset[str]] = frozenset(
-        {"token", "approle_role_id", "approle_secret_id", "client_key"}
-    )
+    # Credentials, how to log in, and files to read: never set by a reference's query.
+    operator_only: ClassVar[frozenset[str]] = frozenset({
+        "auth_method", "token", "token_file", "kube_role", "kube_auth_path",
+        "kube_api_token_file", "approle_auth_path", "approle_role_id", "approle_secret_id",
+        "approle_secret_id_file", "approle_response_wrapping", "ca_cert", "client_cert",
+        "client_key",
+    })  # fmt: skip
 
     protocol: Literal["http", "https"] = "http"
     host: str = Field(default="127.0.0.1", min_length=1)
@@ -50,14 +54,14 @@ class HcvSettings(VaultSettings):
     namespace: str | None = None
     mount: str = Field(default="secret", min_length=1)
     kv: Literal["v1", "v2"] = "v1"
-    token: str | None = None
+    token: SecretStr | None = None
     token_file: str | None = None
     kube_role: str | None = None
     kube_auth_path: str = "kubernetes"
     kube_api_token_file: str = KUBE_TOKEN_FILE
     approle_auth_path: str = "approle"
-    approle_role_id: str | None = None
-    approle_secret_id: str | None = None
+    approle_role_id: SecretStr | None = None
+    approle_secret_id: SecretStr | None = None
     approle_secret_id_file: str | None = None
     approle_response_wrapping: bool = False
     ca_cert: str | None = None

@@ -316,7 +316,8 @@ class Session:
     def _token_lookup(self) -> dict[str, Any]:
         """Blocking: the configured token (a file wins over ``token``), then lookup-self."""
         s = self.settings
-        self.client.token = _read_file(s.token_file) if s.token_file else s.token
+        token = s.token.get_secret_value() if s.token is not None else ""
+        self.client.token = _read_file(s.token_file) if s.token_file else token
         data: dict[str, Any] = self.client.auth.token.lookup_self()["data"]
         return data
 
@@ -324,11 +325,14 @@ class Session:
         """Blocking: the secret id file is read at every login, unwrapped if wrapped."""
         s = self.settings
         secret_id = _read_file(s.approle_secret_id_file) if s.approle_secret_id_file else None
-        secret_id = secret_id or s.approle_secret_id or ""
+        if not secret_id and s.approle_secret_id is not None:
+            secret_id = s.approle_secret_id.get_secret_value()
+        secret_id = secret_id or ""
         if s.approle_response_wrapping:
             secret_id = self._unwrap(secret_id)
+        role_id = s.approle_role_id.get_secret_value() if s.approle_role_id is not None else ""
         response = self._anon.auth.approle.login(
-            s.approle_role_id, secret_id, use_token=False, mount_point=s.approle_auth_path
+            role_id, secret_id, use_token=False, mount_point=s.approle_auth_path
         )
         return dict(response["auth"])
 

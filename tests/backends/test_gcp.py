@@ -237,7 +237,7 @@ async def test_invalid_argument_is_permanent_backend_error(
 async def test_request_timeout_is_sent_and_enforced(fake: FakeSecretManager, build: Build) -> None:
     """The configured timeout is the call's gRPC deadline; a hung server is backend_timeout."""
     fake.add("p1", "db", "v")
-    resolver = build({"timeout": 2.5}, backend_retries=0)
+    resolver = build({"timeout": 2.5, "query_overrides": ["timeout"]}, backend_retries=0)
     await resolver.resolve("{vault://sm/db}")
     remaining = fake.calls[0].time_remaining
     assert remaining is not None
@@ -250,11 +250,12 @@ async def test_request_timeout_is_sent_and_enforced(fake: FakeSecretManager, bui
 async def test_project_from_entity_query_and_env(
     fake: FakeSecretManager, build: Build, clean_env: pytest.MonkeyPatch
 ) -> None:
-    """project_id: the query beats the entity, which beats GCP_PROJECT_ID."""
+    """project_id: the query (where the entity opens it) beats the entity, which beats
+    GCP_PROJECT_ID."""
     for project in ("p1", "p2", "p3"):
         fake.add(project, "db", project)
     clean_env.setenv("GCP_PROJECT_ID", "p3")
-    resolver = build()
+    resolver = build({"query_overrides": ["project_id"]})
     assert (await resolver.resolve("{vault://sm/db}")).value == "p1"
     assert (await resolver.resolve("{vault://sm/db?project_id=p2}")).value == "p2"
     no_project = build({"project_id": None})
@@ -283,7 +284,7 @@ async def test_backend_used_directly_with_kong_env_and_emulator_env(
 async def test_location_reads_regional_secret(fake: FakeSecretManager, build: Build) -> None:
     """location addresses projects/<p>/locations/<l>/secrets/<id>."""
     fake.add("p1", "db", "regional", location="europe-west1")
-    answer = await build().resolve("{vault://sm/db?location=europe-west1}")
+    answer = await build({"location": "europe-west1"}).resolve("{vault://sm/db}")
     assert answer.value == "regional"
     assert fake.names == ["projects/p1/locations/europe-west1/secrets/db/versions/latest"]
 
@@ -305,7 +306,7 @@ def test_config_rejects_unknown_keys_and_redacts_credentials_file() -> None:
     with pytest.raises(ConfigError) as caught:
         make_resolver((VaultEntity(prefix="sm", name="gcp", config=pasted),))
     assert "PRIVATE KEY" not in caught.value.message
-    assert "<redacted>" in caught.value.message
+    assert "credentials_file: Input should be a valid string" in caught.value.message
 
 
 _EMULATOR_ENV = {"SECRET_MANAGER_EMULATOR_HOST": "h:1"}

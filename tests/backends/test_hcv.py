@@ -162,7 +162,7 @@ async def test_missing_secret_key_or_mount_is_not_found(vault: FakeVault, build:
     with pytest.raises(SecretNotFound, match="subfield password"):
         await resolver.resolve("{vault://hv/db/password}")
     with pytest.raises(SecretNotFound):
-        await resolver.resolve("{vault://hv/db/username?mount=other}")
+        await build({"mount": "other"}).resolve("{vault://hv/db/username}")
 
 
 async def test_namespaces_are_isolated(vault: FakeVault, build: Build) -> None:
@@ -170,7 +170,7 @@ async def test_namespaces_are_isolated(vault: FakeVault, build: Build) -> None:
     vault.enable_kv("secret", "v1", namespace="team-a")
     vault.put("secret", "db", {"password": "root"})
     vault.put("secret", "db", {"password": "team-a"}, namespace="team-a")
-    resolver = build()
+    resolver = build({"query_overrides": ["namespace"]})
     assert (await resolver.resolve("{vault://hv/db/password}")).value == "root"
     child = await resolver.resolve("{vault://hv/db/password?namespace=team-a}")
     assert child.value == "team-a"

@@ -89,24 +89,40 @@ async def test_error_codes(daemon: Daemon, ref: str, status: int, code: str, mes
 
 
 @pytest.mark.parametrize(
-    ("method", "path", "kwargs", "status", "message"),
+    ("method", "path", "kwargs", "status", "code", "message"),
     [
-        ("GET", "/v1/secrets", {}, 400, "exactly one 'ref'"),
-        ("GET", "/v1/secrets", {"params": [("ref", "a"), ("ref", "b")]}, 400, "exactly one"),
-        ("POST", "/v1/secrets:batch", {"json_body": {"refs": "x"}}, 400, "body must be"),
-        ("POST", "/v1/secrets:batch", {"json_body": {"refs": [1]}}, 400, "body must be"),
-        ("POST", "/v1/secrets:batch", {"json_body": {"refs": ["x"] * 1001}}, 400, "at most 1000"),
-        ("GET", "/nope", {}, 404, "Not Found"),
-        ("DELETE", "/v1/secrets", {}, 405, "Method Not Allowed"),
+        ("GET", "/v1/secrets", {}, 400, "invalid_request", "exactly one 'ref'"),
+        ("GET", "/v1/secrets", {"params": [("ref", "a"), ("ref", "b")]}, 400, "invalid_request",
+         "exactly one"),
+        ("POST", "/v1/secrets:batch", {"json_body": {"refs": "x"}}, 400, "invalid_request",
+         "body must be"),
+        ("POST", "/v1/secrets:batch", {"json_body": {"refs": [1]}}, 400, "invalid_request",
+         "body must be"),
+        ("POST", "/v1/secrets:batch", {"json_body": {"refs": ["x"] * 1001}}, 400,
+         "invalid_request", "at most 1000"),
+        ("GET", "/nope", {}, 404, "not_found", "no such endpoint"),
+        ("DELETE", "/v1/secrets", {}, 405, "method_not_allowed", "DELETE is not allowed here"),
+        ("GET", "/v1/secrets:batch", {}, 405, "method_not_allowed", "(allowed: POST)"),
+        ("HEAD", "/healthz", {}, 405, "method_not_allowed", ""),
     ],
-)
+)  # fmt: skip
 async def test_invalid_requests(
-    daemon: Daemon, method: str, path: str, kwargs: dict[str, object], status: int, message: str
+    daemon: Daemon,
+    method: str,
+    path: str,
+    kwargs: dict[str, object],
+    status: int,
+    code: str,
+    message: str,
 ) -> None:
-    """Malformed requests get invalid_request (or the route's status) as JSON, not HTML."""
+    """Malformed requests, unknown routes and wrong methods get a JSON error with a code."""
+    if method == "HEAD":  # no body to read: the status and Allow header say it
+        async with daemon.session() as session, session.head(f"http://sidecar{path}") as r:
+            assert (r.status, r.headers["Allow"]) == (405, "GET")
+        return
     got_status, body = await daemon.request(method, path, **kwargs)
     assert got_status == status
-    assert body["error"]["code"] == "invalid_request"
+    assert body["error"]["code"] == code
     assert message in body["error"]["message"]
 
 

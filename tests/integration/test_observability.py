@@ -128,9 +128,10 @@ async def test_canary_secret_never_appears_in_logs_metrics_or_errors(
             assert text.count(CANARY) == 2
             continue
         assert CANARY not in text, body
-    # a credential in a reference's query is the caller's own; it must not reach the logs
+    # a credential in a refused query field must not reach the logs either
     await daemon.get("{vault://env/canary?token=" + CANARY + "}")
     await daemon.get("{vault://hcv/canary?token=" + CANARY + "}")
+    await daemon.get("{vault://env/canary?ttl=" + CANARY + "}")
     assert CANARY not in await scrape(daemon)
     daemon.stop()
     assert CANARY not in daemon.logs()

@@ -124,17 +124,3 @@ async def test_prefetch_reports_failures_per_reference(monkeypatch: pytest.Monke
     assert failures["{vault://env/absent}"].code == "not_found"
     assert failures["bad"].code == "invalid_reference"
     assert (await resolver.resolve("{vault://env/present}")).lookup.cached
-
-
-@pytest.mark.parametrize(
-    ("ref", "shown"),
-    [
-        ("{vault://hcv/db?token=s3cr3t}", "{vault://hcv/db?<redacted>}"),
-        ("{vault://hcv/db/k?mount=kv&token=s3cr3t#2}", "{vault://hcv/db/k?<redacted>#2}"),
-        ("{vault://hcv/db?mount=kv#2}", "{vault://hcv/db?mount=kv#2}"),
-    ],
-)
-def test_loggable_reference_hides_credentials_in_the_query(ref: str, shown: str) -> None:
-    """A reference that carries a credential field in its query is logged without it."""
-    resolver = make_resolver(environ={"KONG_VAULT_HCV_TOKEN": "base-token"})
-    assert resolver.target(ref).loggable(ref) == shown
