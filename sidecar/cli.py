@@ -122,7 +122,10 @@ async def _resolve(config: Config, ref: str) -> int:
 
 
 async def _check(config: Config) -> int:
-    """Report per vault and per prefetch reference, without printing any value."""
+    """Report the socket, each vault and each prefetch reference, without printing any value."""
+    from sidecar import unix_socket  # noqa: PLC0415
+
+    socket_problems = unix_socket.problems(config.listen)
     resolver = _one_shot_resolver(config)
     vaults: dict[str, str] = {}
     prefetch: dict[str, str] = {}
@@ -139,6 +142,7 @@ async def _check(config: Config) -> int:
             prefetch[ref] = "ok" if failure is None else f"{failure.code}: {failure.message}"
     finally:
         await resolver.vaults.close()
-    print(json.dumps({"vaults": vaults, "prefetch": prefetch}, indent=2))
-    ok = all(v == "ok" for v in (*vaults.values(), *prefetch.values()))
+    report = {"socket": socket_problems or "ok", "vaults": vaults, "prefetch": prefetch}
+    print(json.dumps(report, indent=2))
+    ok = not socket_problems and all(v == "ok" for v in (*vaults.values(), *prefetch.values()))
     return OK if ok else FAILED

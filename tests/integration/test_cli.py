@@ -61,6 +61,7 @@ async def test_check_reports_vaults_and_prefetch(tmp_path: Path) -> None:
     code, out, _ = await cli("check", "-c", str(good))
     assert code == 0
     assert json.loads(out) == {
+        "socket": "ok",
         "vaults": {"app": "ok"},
         "prefetch": {"{vault://app/password}": "ok"},
     }
@@ -82,3 +83,26 @@ async def test_config_and_usage_errors_exit_2(tmp_path: Path) -> None:
     assert "world-writable" in err
     code, _, _ = await cli("frobnicate")
     assert code == 2
+
+
+async def test_check_and_run_refuse_an_unsafe_socket_place(tmp_path: Path) -> None:
+    """A world-writable, non-sticky socket directory or an unknown group: `check` names
+    both and exits 1; `run` refuses to start."""
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"listen: {{socket: {open_dir}/s.sock, group: no-such-group-xyz}}\n")
+    code, out, _ = await cli("check", "-c", str(config))
+    assert code == 1
+    problems = json.loads(out)["socket"]
+    assert any("world-writable without the sticky bit" in p for p in problems)
+    assert any("'no-such-group-xyz' is not a group" in p for p in problems)
+    code, _, err = await cli("run", "-c", str(config))
+    assert code == 1
+    assert "world-writable without the sticky bit" in err
+    assert not (open_dir / "s.sock").exists()
+    open_dir.chmod(0o1777)  # sticky, like /tmp: nobody can replace another's file
+    config.write_text(f"listen: {{socket: {open_dir}/s.sock}}\n")
+    code, out, _ = await cli("check", "-c", str(config))
+    assert (code, json.loads(out)["socket"]) == (0, "ok")
