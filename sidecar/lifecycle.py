@@ -36,6 +36,7 @@ from sidecar.watch import EventBus
 log = get_logger("sidecar.lifecycle")
 
 PREFETCH_RETRY_MAX = 30.0  # seconds between retries of prefetch refs that failed
+LOOP_LAG_INTERVAL = 0.5  # seconds between event-loop lag samples
 
 
 class Daemon:
@@ -96,8 +97,9 @@ class Daemon:
                 self.metrics.entries_by_health.labels(prefix, health.value).set(row[health.value])
 
     def start(self) -> None:
-        """Background work: readiness (vaults, prefetch) and, if enabled, the refresher."""
+        """Background work: readiness (vaults, prefetch), loop-lag samples, the refresher."""
         self._restart("readiness", self._prepare())
+        self._restart("loop-lag", self._sample_loop_lag())
         if self.config.refresh.enabled:
             self._restart("refresh", self.refresher.run())
 
@@ -106,6 +108,15 @@ class Daemon:
         if previous is not None:
             previous.cancel()
         self._tasks[name] = asyncio.create_task(work)
+
+    async def _sample_loop_lag(self) -> None:
+        """A timer that fires late means every request waits as long: a blocking call, or
+        more work than the loop can do (both would show here before anywhere else)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + LOOP_LAG_INTERVAL
+            await asyncio.sleep(LOOP_LAG_INTERVAL)
+            self.metrics.loop_lag.observe(max(loop.time() - due, 0.0))
 
     async def _prepare(self) -> None:
         state, delay = self.state, 1.0

@@ -80,6 +80,11 @@ class Metrics:
         self.ready = Gauge(
             f"{PREFIX}_ready", "1 once prefetch is resolved and every vault started.", registry=r,
         )  # fmt: skip
+        self.loop_lag = Histogram(
+            f"{PREFIX}_event_loop_lag_seconds",
+            "How late the event loop ran a timer (sampled twice a second).",
+            buckets=_FAST, registry=r,
+        )  # fmt: skip
         self.reloads = Counter(
             f"{PREFIX}_config_reloads", "Configuration reloads by outcome.",
             ["outcome"], registry=r,

@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.backends.vault_server import FakeVault
 from tests.integration.conftest import MakeDaemon
-from tests.integration.harness import Daemon, require_program
+from tests.integration.harness import Daemon, require_program, wait_until
 
 CANARY = "canary-7f3a9c-do-not-log"
 CANARY_JSON = json.dumps({"user": "u", "password": CANARY})
@@ -63,6 +63,18 @@ async def test_metrics_pass_promtool_and_have_the_design_families(daemon: Daemon
     )
     assert "secret_sidecar_cache_entries 2.0" in text
     assert "secret_sidecar_ready 1.0" in text
+
+
+async def test_event_loop_lag_is_sampled(daemon: Daemon) -> None:
+    """The loop-lag histogram fills twice a second whether or not requests arrive."""
+
+    async def sampled() -> bool:
+        families = {f.name: f for f in text_string_to_metric_families(await scrape(daemon))}
+        lag = families.get("secret_sidecar_event_loop_lag_seconds")
+        counts = [s.value for s in lag.samples if s.name.endswith("_count")] if lag else []
+        return bool(counts) and counts[0] >= 2
+
+    await wait_until(sampled, 10, "two loop-lag samples")
 
 
 async def test_metrics_can_be_disabled(make_daemon: MakeDaemon) -> None:
