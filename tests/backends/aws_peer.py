@@ -25,9 +25,13 @@ from aiobotocore.session import AioSession
 from aiohttp import web
 from moto.server import ThreadedMotoServer
 
+from tests.canary import credential
+
 REGION = "us-east-1"
-ACCESS_KEY = "testing-access-key"
-SECRET_KEY = "testing-secret-key"  # moto's fake credentials
+# moto takes any keys: both carry the credential canary, so a key that reaches a log line,
+# an error or a scrape fails the test (tests.canary)
+ACCESS_KEY = credential("AKIATESTING")
+SECRET_KEY = credential("testing-secret-key")
 # Variables of the standard chain that must not leak in from the machine running tests.
 CHAIN_VARIABLES = (
     "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",

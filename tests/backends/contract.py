@@ -7,16 +7,20 @@ fault-injecting proxy (aws), the Vault-API server on its own thread (hcv) and th
 in-process gRPC Secret Manager (gcp). Peers differ in what they can do, and say so
 with capability flags rather than by failing: env has no versions and cannot fail
 transiently, and Vault stores maps, not strings.
+
+The canaries (``tests.canary``) are planted in each peer's credentials (moto's keys,
+the Vault tokens), and contract tests store canary values; ``raises_clean`` is
+``pytest.raises`` that also checks the error's text, repr and chain for them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import grpc
 import pytest
@@ -32,12 +36,27 @@ from tests.backends.aws_peer import (
 )
 from tests.backends.gcp_server import FakeSecretManager
 from tests.backends.vault_server import FakeVault
+from tests.canary import assert_exception_clean
+
+E = TypeVar("E", bound=BaseException)
 
 REQUEST_TIMEOUT = 2.0  # seconds, per backend request: a hung peer fails fast
 VAULT_VARIABLES = ("VAULT_TOKEN", "VAULT_ADDR", "VAULT_NAMESPACE", "VAULT_CACERT",
                    "VAULT_CAPATH", "VAULT_CLIENT_CERT", "VAULT_CLIENT_KEY")  # fmt: skip
 GOOGLE_VARIABLES = ("GCP_PROJECT_ID", "SECRET_MANAGER_EMULATOR_HOST",
                     "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT")  # fmt: skip
+
+
+@contextmanager
+def raises_clean(
+    expected: type[E] | tuple[type[E], ...], *, match: str | None = None
+) -> Iterator[pytest.ExceptionInfo[E]]:
+    """``pytest.raises``, and then no canary value or credential in the exception's
+    ``str``, ``repr`` or chained causes (what a caller or a traceback would show)."""
+    __tracebackhide__ = True
+    with pytest.raises(expected, match=match) as caught:
+        yield caught
+    assert_exception_clean(caught.value)
 
 
 class Peer(Protocol):

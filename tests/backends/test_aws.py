@@ -1,7 +1,11 @@
-"""AWS Secrets Manager backend: aiobotocore over real HTTP to moto's server (via a proxy)."""
+"""AWS Secrets Manager backend: aiobotocore over real HTTP to moto's server (via a proxy).
+
+The client's keys and the values of the main secrets hold the canaries (tests.canary).
+"""
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -34,6 +38,8 @@ from tests.backends.aws_peer import (
     moto_reset,
     moto_server,
 )
+from tests.backends.contract import raises_clean
+from tests.canary import value
 from tests.support import ManualClock, make_resolver
 
 Build = Callable[..., Resolver]
@@ -95,9 +101,9 @@ async def test_string_secret_reports_its_version_id(
     sm: Any, proxy: MotoProxy, build: Build
 ) -> None:
     """SecretString comes back as is, with AWS's VersionId; AWSCURRENT is asked explicitly."""
-    created = await sm.create_secret(Name="db/password", SecretString="s3cr3t ✓")
+    created = await sm.create_secret(Name="db/password", SecretString=value("s3cr3t ✓"))
     answer = await build().resolve("{vault://sm/db/password/}")
-    assert (answer.value, answer.version) == ("s3cr3t ✓", created["VersionId"])
+    assert (answer.value, answer.version) == (value("s3cr3t ✓"), created["VersionId"])
     assert [c.params for c in proxy.calls] == [
         {"SecretId": "db/password", "VersionStage": "AWSCURRENT"}
     ]
@@ -105,23 +111,24 @@ async def test_string_secret_reports_its_version_id(
 
 async def test_binary_secret_utf8_as_text_other_bytes_as_base64(sm: Any, build: Build) -> None:
     """SecretBinary that is UTF-8 reads as text; other bytes as their base64."""
-    await sm.create_secret(Name="text", SecretBinary="pässwörd".encode())
-    await sm.create_secret(Name="blob", SecretBinary=b"\xff\x00\xfe")
+    await sm.create_secret(Name="text", SecretBinary=value("pässwörd").encode())
+    blob = b"\xff\x00\xfe" + value("blob").encode()  # not UTF-8
+    await sm.create_secret(Name="blob", SecretBinary=blob)
     resolver = build()
-    assert (await resolver.resolve("{vault://sm/text}")).value == "pässwörd"
-    assert (await resolver.resolve("{vault://sm/blob}")).value == "/wD+"
+    assert (await resolver.resolve("{vault://sm/text}")).value == value("pässwörd")
+    assert (await resolver.resolve("{vault://sm/blob}")).value == base64.b64encode(blob).decode()
 
 
 async def test_json_keys_share_one_call(sm: Any, proxy: MotoProxy, build: Build) -> None:
     """username and password of one JSON secret come from one GetSecretValue."""
     await sm.create_secret(
-        Name="creds", SecretString=json.dumps({"username": "u", "password": "p"})
+        Name="creds", SecretString=json.dumps({"username": "u", "password": value("p")})
     )
     resolver = build()
     user = await resolver.resolve("{vault://sm/creds/username}")
     password = await resolver.resolve("{vault://sm/creds/password}")
-    assert (user.value, password.value) == ("u", "p")
-    with pytest.raises(SecretNotFound, match="subfield nope"):
+    assert (user.value, password.value) == ("u", value("p"))
+    with raises_clean(SecretNotFound, match="subfield nope"):
         await resolver.resolve("{vault://sm/creds/nope}")
     assert proxy.count("GetSecretValue") == 1
 
@@ -177,19 +184,20 @@ async def test_missing_secret_is_not_found_and_negative_cached(
 
 async def test_deleted_secret_is_not_found(sm: Any, build: Build) -> None:
     """A secret scheduled for deletion reads as not_found, not as a backend error."""
-    await sm.create_secret(Name="gone", SecretString="x")
+    await sm.create_secret(Name="gone", SecretString=value("x"))
     await sm.delete_secret(SecretId="gone", RecoveryWindowInDays=7)
-    with pytest.raises(SecretNotFound, match="scheduled for deletion"):
+    with raises_clean(SecretNotFound, match="scheduled for deletion"):
         await build().resolve("{vault://sm/gone}")
 
 
 async def test_region_per_reference_and_aws_region_fallback(
     moto_url: str, proxy: MotoProxy, build: Build, aws_env: pytest.MonkeyPatch
 ) -> None:
-    """?region= overrides the vault's region; without one, AWS_REGION is used as Kong does."""
+    """?region= (opened by query_overrides) overrides the vault's region; without one,
+    AWS_REGION is used as Kong does."""
     async with aws_client(moto_url, "secretsmanager", "eu-west-1") as eu:
         await eu.create_secret(Name="db", SecretString="from-eu")
-    resolver = build()
+    resolver = build({"query_overrides": ["region"]})  # the entity opens region to queries
     assert (await resolver.resolve("{vault://sm/db?region=eu-west-1}")).value == "from-eu"
     with pytest.raises(SecretNotFound):
         await resolver.resolve("{vault://sm/db}")
@@ -210,10 +218,10 @@ async def test_assume_role_signs_with_temporary_credentials(
     sm: Any, proxy: MotoProxy, build: Build
 ) -> None:
     """With assume_role_arn, STS AssumeRole runs once and its credentials sign the reads."""
-    await sm.create_secret(Name="a", SecretString="1")
+    await sm.create_secret(Name="a", SecretString=value("1"))
     await sm.create_secret(Name="b", SecretString="2")
     resolver = build({"assume_role_arn": ROLE, "sts_endpoint_url": proxy.url})
-    assert (await resolver.resolve("{vault://sm/a}")).value == "1"
+    assert (await resolver.resolve("{vault://sm/a}")).value == value("1")
     assert (await resolver.resolve("{vault://sm/b}")).value == "2"
     assume, *reads = proxy.calls
     assert assume.operation == "AssumeRole"
@@ -354,29 +362,29 @@ async def test_persistent_throttle_serves_stale_then_unavailable(
     sm: Any, proxy: MotoProxy, build: Build, clock: ManualClock
 ) -> None:
     """Past ttl a throttled backend serves the last value stale until resurrect_ttl ends."""
-    await sm.create_secret(Name="db", SecretString="good")
+    await sm.create_secret(Name="db", SecretString=value("good"))
     resolver = build({"ttl": 60, "resurrect_ttl": 120}, backend_retries=2)
-    assert (await resolver.resolve("{vault://sm/db}")).value == "good"
+    assert (await resolver.resolve("{vault://sm/db}")).value == value("good")
     proxy.fail("ThrottlingException")
     clock.advance(61)
     stale = await resolver.resolve("{vault://sm/db}")
-    assert (stale.value, stale.lookup.stale) == ("good", True)
+    assert (stale.value, stale.lookup.stale) == (value("good"), True)
     assert proxy.count("GetSecretValue") == 1 + 3
     clock.advance(120)
-    with pytest.raises(BackendUnavailable, match="ThrottlingException"):
+    with raises_clean(BackendUnavailable, match="ThrottlingException"):
         await resolver.resolve("{vault://sm/db}")
     proxy.heal()
     clock.advance(120)
     answer = await resolver.resolve("{vault://sm/db}")
-    assert (answer.value, answer.lookup.stale) == ("good", False)
+    assert (answer.value, answer.lookup.stale) == (value("good"), False)
 
 
 async def test_read_timeout_is_backend_timeout(sm: Any, proxy: MotoProxy, build: Build) -> None:
     """No answer within read_timeout is backend_timeout (transient)."""
-    await sm.create_secret(Name="db", SecretString="v")
+    await sm.create_secret(Name="db", SecretString=value("v"))
     proxy.hang()
     resolver = build({"read_timeout": 0.2}, backend_retries=0)
-    with pytest.raises(BackendTimeout, match="timeout") as caught:
+    with raises_clean(BackendTimeout, match="timeout") as caught:
         await resolver.resolve("{vault://sm/db}")
     assert caught.value.transient
 
@@ -395,12 +403,12 @@ async def test_unknown_credentials_are_forbidden_without_echoing_them(
     moto_url: str, sm: Any, proxy: MotoProxy, build: Build
 ) -> None:
     """Keys AWS does not know are forbidden, for a batch too; no key appears in the message."""
-    await sm.create_secret(Name="db", SecretString="s3cr3t")
+    await sm.create_secret(Name="db", SecretString=value("s3cr3t"))
     await moto_auth(moto_url)
-    with pytest.raises(AccessDenied) as caught:
+    with raises_clean(AccessDenied) as caught:
         await build().resolve("{vault://sm/db}")
     assert caught.value.code == "forbidden"
-    for leak in (ACCESS_KEY, SECRET_KEY, "s3cr3t"):
+    for leak in (ACCESS_KEY, SECRET_KEY, value("s3cr3t")):
         assert leak not in caught.value.message
     proxy.calls.clear()
     failures = await build().prefetch(["{vault://sm/db}", "{vault://sm/other}"])
@@ -426,8 +434,10 @@ def test_config_fields_are_validated(aws_env: pytest.MonkeyPatch) -> None:
                                    config={"aws_secret_access_key": "x"}),))  # fmt: skip
     with pytest.raises(ConfigError, match="endpoint_url"):
         make_resolver((VaultEntity(prefix="sm", name="aws", config={"endpoint_url": "ftp:x"}),))
-    resolver = make_resolver(environ={"KONG_VAULT_AWS_REGION": "eu-west-1"})
-    settings = resolver.target("{vault://aws/db?read_timeout=1.5}").key.settings
+    widened = VaultEntity(prefix="sm", name="aws", config={"query_overrides": ["read_timeout",
+                          "connect_timeout"]})  # fmt: skip
+    resolver = make_resolver((widened,), environ={"KONG_VAULT_AWS_REGION": "eu-west-1"})
+    settings = resolver.target("{vault://sm/db?read_timeout=1.5}").key.settings
     assert isinstance(settings, AwsSettings)
     assert (settings.region, settings.read_timeout, settings.role_session_name) == (
         "eu-west-1",
@@ -435,6 +445,6 @@ def test_config_fields_are_validated(aws_env: pytest.MonkeyPatch) -> None:
         "secret-sidecar",
     )
     with pytest.raises(InvalidReference, match="connect_timeout"):
-        resolver.target("{vault://aws/db?connect_timeout=soon}")
+        resolver.target("{vault://sm/db?connect_timeout=soon}")
     with pytest.raises(UnknownVault):
         make_resolver(environ={"KONG_VAULT_AWS_ASSUME_ROLE_ARN": "nope"}).target("{vault://aws/x}")

@@ -8,7 +8,9 @@ namespaces through ``X-Vault-Namespace`` (a token works in its namespace and
 below), per-token path policies (403 ``permission denied``), a sealed switch (503)
 and injected failures. Errors are ``{"errors": [...]}`` with ``Content-Type:
 application/json`` exactly, which hvac needs to parse them. Time comes from an
-injected clock so tests can expire tokens without waiting.
+injected clock so tests can expire tokens without waiting. Every token it makes
+(``create_token``, logins, ``wrap``) holds the credential canary (``tests.canary``),
+so a token that leaks anywhere fails the test.
 
 It runs on its own loop because hvac is synchronous: a blocking call made on the
 test's loop would otherwise wait for a server that can never answer.
@@ -31,6 +33,7 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.canary import credential
 from tests.support import ManualClock
 
 Clock = Callable[[], float]
@@ -204,7 +207,7 @@ class FakeVault:
         namespace: str = "",
     ) -> str:
         """A token as ``vault token create`` makes it; ``ttl`` 0 never expires."""
-        value = "hvs." + secrets.token_urlsafe(18)
+        value = credential("hvs." + secrets.token_urlsafe(12))
         now = self.clock()
         name = f"t{next(self._names)}"
         self.tokens[value] = Token(
@@ -249,7 +252,7 @@ class FakeVault:
 
     def wrap(self, data: dict[str, Any]) -> str:
         """A single-use wrapping token for ``data``, as ``-wrap-ttl`` responses carry."""
-        value = "hvs." + secrets.token_urlsafe(24)
+        value = credential("hvs." + secrets.token_urlsafe(18))
         self.wrapped[value] = data
         return value
 

@@ -1,18 +1,24 @@
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.canary import value
 from tests.integration.harness import Daemon
 
+# The daemons' environment. The values that tests compare whole or by substring
+# ("hunter2-integration") hold the canary, so the harness's scans cover every test that
+# reads them; the JSON secret carries one in a field no test reads, so an error that
+# quotes the document is caught. Values compared exactly elsewhere stay plain.
 SECRETS = {
-    "DB_PASSWORD": "hunter2-integration",
+    "DB_PASSWORD": value("hunter2-integration"),
     "DB_PASSWORD_PREVIOUS": "old-hunter2",
-    "DB_JSON": '{"username": "app", "password": "p4ss"}',
-    "APP_TOKEN": "app-prefixed-token",
+    "DB_JSON": json.dumps({"username": "app", "password": "p4ss", "api_key": value("api-key")}),
+    "APP_TOKEN": value("app-prefixed-token"),
 }
 
 MakeDaemon = Callable[..., Daemon]
@@ -32,8 +38,16 @@ def make_daemon(tmp_path: Path) -> Iterator[MakeDaemon]:
         return daemon
 
     yield make
-    for daemon in made:
-        daemon.stop()
+    failures: list[Exception] = []
+    for daemon in made:  # every daemon stops, even after one reported a leak
+        try:
+            daemon.stop()
+        except Exception as exc:
+            failures.append(exc)
+    if len(failures) == 1:
+        raise failures[0]
+    if failures:
+        raise ExceptionGroup("stopping the daemons failed", failures)
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ import pytest
 from sidecar import unix_socket
 from sidecar.config import ListenConfig
 from tests.backends.vault_server import FakeVault
-from tests.integration.conftest import MakeDaemon
+from tests.integration.conftest import SECRETS, MakeDaemon
 from tests.integration.harness import Daemon, require_program
 from tests.unit.test_trust_boundary import Listener
 
@@ -172,7 +172,7 @@ async def test_acl_runs_before_anything_names_a_vault(
     }
     daemon = await make_daemon(config).started()
     status, body = as_nobody(sock, secrets_path("{vault://env/db-password}"))
-    assert (status, body["value"]) == (200, "hunter2-integration")
+    assert (status, body["value"]) == (200, SECRETS["DB_PASSWORD"])
     for ref in (
         "{vault://env/app-token}",  # exists, outside the globs
         "{vault://nowhere/x}",  # unknown vault
