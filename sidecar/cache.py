@@ -15,6 +15,7 @@ reported once each, so watchers and logs see transitions, not attempts.
 from __future__ import annotations
 
 import asyncio
+import copy
 import enum
 import heapq
 import itertools
@@ -25,7 +26,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 from sidecar.backends.base import Fetched, VaultSettings
-from sidecar.errors import BackendFailure
+from sidecar.errors import BackendFailure, SecretNotFound
 
 Clock = Callable[[], float]
 Loader = Callable[[], Awaitable[Fetched]]
@@ -166,20 +167,19 @@ class Cache:
             if entry.is_fresh(now):  # even if its early refresh failed: still within ttl
                 self.observe(LookupResult.HIT)
                 return self._lookup(entry, LookupResult.HIT, now)
+            if entry.failure is not None and entry.can_resurrect(now):
+                # failing but servable: answer stale now; a retry past its backoff runs
+                # in the background (one per key), so no reader waits on a sick backend
+                if not entry.is_held(now):
+                    self._start_load(key, policy, load)
+                self.observe(LookupResult.STALE)
+                return self._lookup(entry, LookupResult.STALE, now)
             if entry.is_held(now):
-                if entry.can_resurrect(now):
-                    self.observe(LookupResult.STALE)
-                    return self._lookup(entry, LookupResult.STALE, now)
                 self.observe(LookupResult.NEGATIVE)
                 assert entry.failure is not None
                 # a fresh traceback each time: re-raising would grow the stored one
                 raise entry.failure.with_traceback(None)
-        task = self._loads.get(key)
-        if task is None:
-            task = asyncio.ensure_future(self._load(key, policy, load))
-            self._loads[key] = task
-            task.add_done_callback(lambda t: self._loads.pop(key, None))
-            task.add_done_callback(_retrieve)
+        task = self._start_load(key, policy, load)
         try:
             # shield: a caller that goes away must not cancel the load others wait on
             lookup = await asyncio.shield(task)
@@ -188,6 +188,20 @@ class Cache:
             raise
         self.observe(lookup.result)
         return lookup
+
+    def loading(self, key: SecretKey) -> asyncio.Task[Lookup] | None:
+        """The load under way for ``key`` (a background retry included), if any."""
+        return self._loads.get(key)
+
+    def _start_load(self, key: SecretKey, policy: Policy, load: Loader) -> asyncio.Task[Lookup]:
+        """The load under way for ``key``, or a new one: one backend call per key at a time."""
+        task = self._loads.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._load(key, policy, load))
+            self._loads[key] = task
+            task.add_done_callback(lambda t: self._loads.pop(key, None))
+            task.add_done_callback(_retrieve)
+        return task
 
     async def _load(self, key: SecretKey, policy: Policy, load: Loader) -> Lookup:
         try:
@@ -214,19 +228,26 @@ class Cache:
         return self._lookup(entry, LookupResult.MISS, now)
 
     def _failed(self, key: SecretKey, policy: Policy, failure: BackendFailure) -> Lookup:
-        """Record a failure; return the stale value if it may still be served, else raise."""
+        """Record a failure; return the stale value if it may still be served, else raise.
+
+        Only *gone* (not found, deleted) drops the last good value. A denial, a garbled
+        answer or an outage keeps it servable within ``resurrect_ttl`` and is retried with
+        backoff; with no value to serve, a permanent failure is remembered for ``neg_ttl``.
+        """
         now = self.clock()
         entry = self._entries.get(key)
         if entry is None:
             entry = Entry(policy, last_used=now)
-        entry.policy, entry.failure = policy, failure
+        entry.policy, entry.failure = policy, _detached(failure)
         entry.failures += 1
-        if failure.transient:
-            entry.failed_until = now + self._backoff(entry.failures)
-            health = Health.STALE if entry.can_resurrect(now) else Health.FAILED
-        else:  # permanent: the value is gone (deleted, access revoked)
+        if isinstance(failure, SecretNotFound):
             entry.fetched = None
-            entry.failed_until = now + policy.neg_ttl
+        if entry.can_resurrect(now):
+            entry.failed_until = now + self._backoff(entry.failures)
+            health = Health.STALE
+        else:
+            hold = self._backoff(entry.failures) if failure.transient else policy.neg_ttl
+            entry.failed_until = now + hold
             health = Health.FAILED
         before, entry.health = entry.health, health
         self._store(key, entry, entry.failed_until)
@@ -305,6 +326,14 @@ class Cache:
         self.max_entries = max_entries
         while len(self._entries) > max_entries:
             self._entries.popitem(last=False)
+
+
+def _detached(failure: BackendFailure) -> BackendFailure:
+    """A copy without traceback or causes to remember: their frames hold what the backend
+    answered (a garbled body of any size) and the callers' requests."""
+    kept = copy.copy(failure)
+    kept.__traceback__ = kept.__cause__ = kept.__context__ = None
+    return kept
 
 
 def _retrieve(task: asyncio.Task[Lookup]) -> None:

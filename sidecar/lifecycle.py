@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import os
 import signal
+import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 
@@ -312,3 +314,19 @@ def run(config: Config, reload: Callable[[], Config] | None = None) -> None:
         factory = None
     with asyncio.Runner(loop_factory=factory) as runner:
         runner.run(serve(config, reload=reload, handle_signals=True))
+    _exit_past_stuck_calls()
+
+
+def _exit_past_stuck_calls() -> None:
+    """Exit now even if a backend call is stuck in a worker thread.
+
+    hvac's calls run in threads that Python joins at exit, so one hung request would hold
+    the process until its own timeout, past the drain. Everything is closed and the
+    socket removed by now: abandoning those threads loses nothing.
+    """
+    stuck = [t.name for t in threading.enumerate() if not t.daemon and t.is_alive()]
+    stuck = [name for name in stuck if name != threading.main_thread().name]
+    if stuck:
+        log.warning("exit.abandoned_backend_calls", threads=len(stuck))
+        sys.stderr.flush()
+        os._exit(0)

@@ -72,6 +72,8 @@ def map_error(exc: Exception, what: str, *, login: bool = False) -> BackendFailu
         return BackendUnavailable(f"{what}: Vault server error ({type(exc).__name__})")
     if isinstance(exc, hvac_exc.VaultError):
         return BackendError(f"{what}: unexpected answer ({type(exc).__name__})")
+    if isinstance(exc, ResponseTooLarge):
+        return BackendError(f"{what}: answer larger than {MAX_RESPONSE} bytes")
     if isinstance(exc, requests.exceptions.Timeout):
         return BackendTimeout(f"{what}: no answer within the request timeout")
     if isinstance(exc, requests.exceptions.SSLError):
@@ -84,6 +86,31 @@ def map_error(exc: Exception, what: str, *, login: bool = False) -> BackendFailu
 
 
 SDK_ERRORS = (hvac_exc.VaultError, requests.exceptions.RequestException, OSError, KeyError)
+MAX_RESPONSE = 4 * 1024 * 1024  # bytes of one Vault answer; KV secrets are far smaller
+
+
+class ResponseTooLarge(requests.exceptions.RequestException):
+    """Vault (or whatever answers in its place) sent more than ``MAX_RESPONSE`` bytes."""
+
+
+def _bounded(response: requests.Response, *args: Any, **kwargs: Any) -> requests.Response:
+    """A response hook (run before requests reads the body): read at most MAX_RESPONSE.
+
+    requests would otherwise hold any body whole in memory, for every call in flight.
+    """
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > MAX_RESPONSE:
+        response.close()
+        raise ResponseTooLarge(f"answer of {declared} bytes")
+    body, size = [], 0
+    for chunk in response.iter_content(64 * 1024):
+        size += len(chunk)
+        if size > MAX_RESPONSE:
+            response.close()
+            raise ResponseTooLarge(f"answer over {MAX_RESPONSE} bytes")
+        body.append(chunk)
+    response._content = b"".join(body)  # what .content would have read, now bounded
+    return response
 
 
 def make_client(settings: HcvSettings, token: str, session: requests.Session | None) -> Any:
@@ -97,6 +124,7 @@ def make_client(settings: HcvSettings, token: str, session: requests.Session | N
         adapter = HTTPAdapter(max_retries=0, pool_maxsize=16)
         session.mount("http://", adapter)
         session.mount("https://", adapter)
+        session.hooks["response"].append(_bounded)
         # hvac lets a session's verify/cert override its own arguments: set both here.
         session.verify = settings.ca_cert or True
         if settings.client_cert:

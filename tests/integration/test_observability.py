@@ -69,7 +69,11 @@ async def test_event_loop_lag_is_sampled(daemon: Daemon) -> None:
     """The loop-lag histogram fills twice a second whether or not requests arrive."""
 
     async def sampled() -> bool:
-        families = {f.name: f for f in text_string_to_metric_families(await scrape(daemon))}
+        try:
+            text = await scrape(daemon)
+        except aiohttp.ClientConnectionError:  # the metrics listener starts after the socket
+            return False
+        families = {f.name: f for f in text_string_to_metric_families(text)}
         lag = families.get("secret_sidecar_event_loop_lag_seconds")
         counts = [s.value for s in lag.samples if s.name.endswith("_count")] if lag else []
         return bool(counts) and counts[0] >= 2

@@ -8,7 +8,13 @@ import pytest
 
 from sidecar.backends.base import Fetched, VaultSettings
 from sidecar.cache import Cache, Change, Entry, Health, LookupResult, Policy, SecretKey
-from sidecar.errors import BackendUnavailable, SecretNotFound
+from sidecar.errors import (
+    AccessDenied,
+    BackendError,
+    BackendFailure,
+    BackendUnavailable,
+    SecretNotFound,
+)
 from tests.support import ManualClock
 
 POLICY = Policy(ttl=60, neg_ttl=10, resurrect_ttl=100)
@@ -82,6 +88,13 @@ async def test_transient_failure_serves_last_value_until_resurrect_ttl(
         await cache.get(key(), POLICY, backend.load)
 
 
+async def settled(cache: Cache) -> None:
+    """Wait for the background retry of the test's key, if one started."""
+    task = cache.loading(key())
+    if task is not None:
+        await asyncio.gather(task, return_exceptions=True)
+
+
 async def test_recovery_after_stale_replaces_value(cache: Cache, clock: ManualClock) -> None:
     """Once the backend answers again the new value is served fresh."""
     backend = Backend()
@@ -91,6 +104,8 @@ async def test_recovery_after_stale_replaces_value(cache: Cache, clock: ManualCl
     assert (await cache.get(key(), POLICY, backend.load)).stale
     backend.failure, backend.value = None, "v2"
     clock.advance(1)  # past the first retry backoff
+    assert (await cache.get(key(), POLICY, backend.load)).stale  # answered now, retried behind
+    await settled(cache)
     fresh = await cache.get(key(), POLICY, backend.load)
     assert (fresh.fetched.value, fresh.stale) == ("v2", False)
 
@@ -99,7 +114,7 @@ async def test_failing_backend_is_not_asked_again_within_backoff(
     cache: Cache, clock: ManualClock
 ) -> None:
     """During an outage readers get the stale value without a backend call until the backoff
-    ends; the backoff doubles with each failure."""
+    ends, then at once while one retry runs behind them; the backoff doubles each failure."""
     backend = Backend()
     await cache.get(key(), POLICY, backend.load)
     backend.failure = BackendUnavailable("down")
@@ -108,14 +123,68 @@ async def test_failing_backend_is_not_asked_again_within_backoff(
         assert (await cache.get(key(), POLICY, backend.load)).stale
     assert backend.calls == 2
     clock.advance(1)
-    assert (await cache.get(key(), POLICY, backend.load)).stale
+    for _ in range(3):  # many readers past the backoff: one retry
+        assert (await cache.get(key(), POLICY, backend.load)).stale
+    await settled(cache)
     assert backend.calls == 3
     clock.advance(1)
     assert (await cache.get(key(), POLICY, backend.load)).stale
+    await settled(cache)
     assert backend.calls == 3  # second backoff is 2 s
     clock.advance(1)
     await cache.get(key(), POLICY, backend.load)
+    await settled(cache)
     assert backend.calls == 4
+
+
+@pytest.mark.parametrize(
+    ("failure", "kept"),
+    [
+        (BackendError("garbled answer"), True),
+        (AccessDenied("denied"), True),
+        (BackendUnavailable("down"), True),
+        (SecretNotFound("deleted"), False),
+    ],
+)
+async def test_only_a_gone_secret_drops_the_last_good_value(
+    cache: Cache, clock: ManualClock, failure: BackendFailure, kept: bool
+) -> None:
+    """A garbled answer, a denial or an outage during a refresh keeps serving the value
+    (stale past ttl, within resurrect_ttl); only not-found drops it at once."""
+    backend = Backend()
+    await cache.get(key(), POLICY, backend.load)
+    backend.failure = failure
+    if not kept:
+        with pytest.raises(SecretNotFound):
+            await cache.get(key(), POLICY, backend.load, force=True)  # a refresh finds it gone
+        with pytest.raises(SecretNotFound):
+            await cache.get(key(), POLICY, backend.load)
+        return
+    await cache.get(key(), POLICY, backend.load, force=True)  # a refresh fails
+    assert (await cache.get(key(), POLICY, backend.load)).result is LookupResult.HIT
+    clock.advance(61)
+    stale = await cache.get(key(), POLICY, backend.load)
+    assert (stale.stale, stale.fetched.value) == (True, "v1")
+
+
+async def test_a_remembered_failure_holds_no_traceback(cache: Cache) -> None:
+    """What a failing backend answered lives in the failure's frames and causes; the entry
+    keeps a copy without them, so a huge garbled body is not held for neg_ttl."""
+    backend = Backend()
+    try:
+        raise ValueError("the SDK's own error, with the body in its frames")
+    except ValueError as cause:
+        failure = BackendError("garbled")
+        failure.__cause__ = cause
+    backend.failure = failure
+    with pytest.raises(BackendError):
+        await cache.get(key(), POLICY, backend.load)
+    entry = cache.peek(key())
+    assert entry is not None
+    assert entry.failure is not None
+    stored = entry.failure
+    assert (stored.__traceback__, stored.__cause__, stored.__context__) == (None, None, None)
+    assert (type(stored), stored.message) == (BackendError, "garbled")
 
 
 async def test_permanent_failure_is_remembered_for_neg_ttl(
