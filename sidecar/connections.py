@@ -130,6 +130,7 @@ def connection_factory(server: web.Server, listen: ListenConfig) -> Any:
         "max_field_size": listen.max_header_size,
         "max_headers": listen.max_headers,
         "access_log": None,
+        "auto_decompress": False,  # no endpoint takes compressed bodies: never inflate one
     }
 
     def make() -> GuardedConnection:

@@ -45,13 +45,43 @@ def redact(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> Mutab
     return event
 
 
+_stdlib_handler: logging.Handler | None = None
+
+
 def configure(level: str = "info", fmt: str = "json") -> None:
-    """Configure structlog for the whole process; safe to call again on reload."""
+    """Configure structlog for the whole process; safe to call again on reload.
+
+    Warnings and errors that libraries log through stdlib ``logging`` (aiohttp, hvac,
+    botocore, gRPC) are rendered the same way, so stderr stays one JSON object a line.
+    """
+    global _stdlib_handler  # noqa: PLW0603 - one process-wide handler, replaced on reload
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
         else structlog.dev.ConsoleRenderer(colors=False)
     )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.stdlib.add_logger_name,
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                redact,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    if _stdlib_handler is not None:
+        root.removeHandler(_stdlib_handler)
+    root.addHandler(handler)
+    _stdlib_handler = handler
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

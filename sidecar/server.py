@@ -44,6 +44,7 @@ MAX_BATCH = 1000
 MAX_REFERENCE = 4096
 # Answer even when saturated; watch streams are long-lived and limited by max_watchers.
 UNLIMITED = frozenset({"/healthz", "/readyz", "/v1/status", "/v1/watch"})
+CLIENT_GONE = 499  # the status logged when the client closed before its answer (as nginx)
 # Signs of a request relayed from a network: the socket API is for local callers only.
 PROXY_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP")
 
@@ -100,6 +101,9 @@ async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse
         response = await handler(request)
         status = response.status
         return response
+    except ConnectionError:
+        status = CLIENT_GONE
+        raise  # nobody to answer: aiohttp drops the connection
     finally:
         elapsed = time.perf_counter() - started
         metrics = _state(request).metrics
@@ -134,6 +138,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         body = {"error": {"code": "invalid_request", "message": exc.reason}}
         return web.json_response(body, status=exc.status)
+    except ConnectionError:
+        raise
     except Exception as exc:
         log.error("request.failed", error_type=type(exc).__name__)
         body = {"error": {"code": "internal_error", "message": "internal error"}}
@@ -146,6 +152,8 @@ async def _limit(request: web.Request, handler: Handler) -> web.StreamResponse:
     for name in PROXY_HEADERS:
         if name in request.headers:
             raise InvalidRequest(f"proxied requests are refused ({name}): the API is local-only")
+    if request.headers.get("Content-Encoding", "identity").lower() != "identity":
+        raise InvalidRequest("request bodies must not be compressed (Content-Encoding)")
     if request.path in UNLIMITED:
         return await handler(request)
     if state.in_flight >= state.max_concurrent:
