@@ -35,7 +35,7 @@ class VaultSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    # Fields a query may set without the vault widening anything (version selectors).
+    # Fields any query may set (backends add their version selectors); vaults may open more.
     query_fields: ClassVar[frozenset[str]] = QUERY_FIELDS
     # Credentials, auth and file paths: no query sets them, whatever ``query_overrides`` says.
     operator_only: ClassVar[frozenset[str]] = frozenset()
