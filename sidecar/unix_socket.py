@@ -61,10 +61,12 @@ def bind(listen: ListenConfig) -> socket.socket:
     path = listen.socket
     _clear_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    previous = os.umask(0o777 & ~listen.mode)
     try:
-        sock.bind(str(path))
-        os.umask(previous)
+        previous = os.umask(0o777 & ~listen.mode)
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(previous)  # process-wide: restored at once
         os.chmod(path, listen.mode)  # umask cannot add bits; chmod makes the mode exact
         if listen.group is not None:
             os.chown(path, -1, _gid(listen.group))
@@ -74,8 +76,6 @@ def bind(listen: ListenConfig) -> socket.socket:
             if stat.S_ISSOCK(os.lstat(path).st_mode):
                 os.unlink(path)
         raise StartupError(f"cannot create socket {path}: {exc}") from exc
-    finally:
-        os.umask(previous)
     sock.setblocking(False)
     return sock
 
