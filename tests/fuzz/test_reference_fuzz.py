@@ -150,18 +150,13 @@ def encode_segment(text: str, choice: int) -> str:
     return text
 
 
-def merge(pairs: list[tuple[str, str | None]]) -> dict[str, ConfigValue] | None:
-    """Kong's ``ngx.decode_args``: bare keys are true, repeated keys make a list."""
+def expected_config(drawn: dict[str, list[str | None]]) -> dict[str, ConfigValue] | None:
+    """What Kong reads from the drawn query, stated per key: a bare key is true, one value is
+    itself, repeated values are a list in order (the parser merges pairs; this does not)."""
     config: dict[str, ConfigValue] = {}
-    for key, raw in pairs:
-        value: str | bool = True if raw is None else raw
-        previous = config.get(key)
-        if previous is None:
-            config[key] = value
-        elif isinstance(previous, list):
-            previous.append(value)
-        else:
-            config[key] = [previous, value]
+    for field, values in drawn.items():
+        read: list[str | bool] = [True if value is None else value for value in values]
+        config[field] = read[0] if len(read) == 1 else read
     return config or None
 
 
@@ -184,7 +179,7 @@ BRACKETED_NAMES = st.text(BRACKETED_CHARS, min_size=1, max_size=10)  # IPv6-like
 USERS = st.text(USER_CHARS, max_size=8)
 SEGMENT_TEXTS = st.lists(st.text(SEGMENT_CHARS, min_size=1, max_size=12), min_size=1, max_size=4)
 PARAMS = st.text(st.characters(exclude_characters="?#"), max_size=8)
-PAIRS = st.lists(st.tuples(QUERY_KEYS, QUERY_VALUES), max_size=4)
+QUERIES = st.dictionaries(QUERY_KEYS, st.lists(QUERY_VALUES, min_size=1, max_size=3), max_size=4)
 
 
 @st.composite
@@ -213,9 +208,9 @@ def built_references(draw: st.DrawFn) -> Built:
         path += ";" + draw(PARAMS)
     text = PREFIX + authority + path
     # query: quote or quote_plus per pair, and pairs Kong drops ("", "=v")
-    pairs = draw(PAIRS)
+    drawn = draw(QUERIES)
     parts = []
-    for field, value in pairs:
+    for field, value in ((field, value) for field, values in drawn.items() for value in values):
         encode = quote_plus if knobs.take(1) else quote
         parts.append(
             encode(field, safe="") + ("" if value is None else "=" + encode(value, safe=""))
@@ -230,7 +225,8 @@ def built_references(draw: st.DrawFn) -> Built:
         text += "#" + "0" * knobs.take(2) + str(version)
     decoded = list(texts)
     key = decoded.pop() if len(decoded) > 1 and not trailing else None
-    return Built(text + SUFFIX, Reference(name, "/".join(decoded), key, version, merge(pairs)))
+    expected = Reference(name, "/".join(decoded), key, version, expected_config(drawn))
+    return Built(text + SUFFIX, expected)
 
 
 @settings(budget.FUZZ, max_examples=budget.PARSER_ROUND_TRIP)
