@@ -325,17 +325,23 @@ class Daemon:
     async def _events(
         response: aiohttp.ClientResponse, include_values: bool, refs: Iterable[str]
     ) -> AsyncIterator[tuple[str, Any]]:
-        kind, data = "message", ""
-        while line := (await response.content.readline()).decode():
-            line = line.rstrip("\n")
-            if line.startswith(":"):
-                yield "comment", {"comment": line[1:].strip()}
-            elif line.startswith("event: "):
-                kind = line.removeprefix("event: ")
-            elif line.startswith("data: "):
-                data = line.removeprefix("data: ")
-            elif not line:
-                document = json.loads(data)
+        async for kind, document in events(response):
+            if kind != "comment":
                 check_event(kind, document, include_values=include_values, sent=refs)
-                yield kind, document
-                kind, data = "message", ""
+            yield kind, document
+
+
+async def events(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, Any]]:
+    """Parse a text/event-stream: yield (event, data) and ("comment", {"comment": text})."""
+    kind, data = "message", ""
+    while line := (await response.content.readline()).decode():
+        line = line.rstrip("\n")
+        if line.startswith(":"):
+            yield "comment", {"comment": line[1:].strip()}
+        elif line.startswith("event: "):
+            kind = line.removeprefix("event: ")
+        elif line.startswith("data: "):
+            data = line.removeprefix("data: ")
+        elif not line:
+            yield kind, json.loads(data)
+            kind, data = "message", ""

@@ -21,7 +21,7 @@ from sidecar.config import parse_config
 from sidecar.lifecycle import serve
 from sidecar.metrics import Metrics
 from tests.backends.gcp_server import FakeSecretManager
-from tests.integration.harness import wait_until
+from tests.integration.harness import events, wait_until
 
 
 class Sidecar:
@@ -76,22 +76,6 @@ async def sidecar(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterat
     """A daemon with ttl 1 s and neg_ttl 1 s, so refreshes happen within the test."""
     async with running(tmp_path, getattr(request, "param", {})) as daemon:
         yield daemon
-
-
-async def events(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, Any]]:
-    """Parse a text/event-stream: yield (event, data) and ("comment", text)."""
-    kind, data = "message", ""
-    while line := (await response.content.readline()).decode():
-        line = line.rstrip("\n")
-        if line.startswith(":"):
-            yield "comment", {"comment": line[1:].strip()}
-        elif line.startswith("event: "):
-            kind = line[7:]
-        elif line.startswith("data: "):
-            data = line[6:]
-        elif not line:
-            yield kind, json.loads(data)
-            kind, data = "message", ""
 
 
 async def next_event(stream: AsyncIterator[tuple[str, Any]], *wanted: str) -> dict[str, Any]:
