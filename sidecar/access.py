@@ -60,16 +60,16 @@ def _groups(sock: Any, pid: int) -> frozenset[int]:
     /proc is the fallback only: the pid may have been reused, or live in another pid
     namespace (a sidecar container), where SO_PEERGROUPS still answers correctly.
     """
-    for size in (_GROUPS_BUFFER, 4 * _NGROUPS_MAX):
-        if SO_PEERGROUPS is None:
-            break
+    sizes = (_GROUPS_BUFFER, 4 * _NGROUPS_MAX) if SO_PEERGROUPS is not None else ()
+    for size in sizes:
         try:
             raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
         except OSError as exc:
-            if exc.errno == errno.ERANGE:
+            if exc.errno == errno.ERANGE:  # more groups than the buffer holds
                 continue
             break
-        return frozenset(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
+        count = len(raw) // 4
+        return frozenset(struct.unpack(f"{count}I", raw[: 4 * count]))
     with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/status") as status:
         for line in status:
             if line.startswith("Groups:"):

@@ -324,8 +324,8 @@ def _exit_past_stuck_calls() -> None:
     the process until its own timeout, past the drain. Everything is closed and the
     socket removed by now: abandoning those threads loses nothing.
     """
-    stuck = [t.name for t in threading.enumerate() if not t.daemon and t.is_alive()]
-    stuck = [name for name in stuck if name != threading.main_thread().name]
+    main = threading.main_thread()
+    stuck = [t for t in threading.enumerate() if t is not main and not t.daemon]
     if stuck:
         log.warning("exit.abandoned_backend_calls", threads=len(stuck))
         sys.stderr.flush()
