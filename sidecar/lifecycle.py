@@ -65,7 +65,7 @@ class Daemon:
             config.listen.max_concurrent_requests,
             self.events,
             config.watch,
-            body_timeout=config.listen.body_timeout,
+            config.listen.body_timeout,
         )
         self.refresher = Refresher(lambda: self.state.resolver, self.cache, config.refresh.idle_ttl)
         metrics.watch_backends(

@@ -61,7 +61,7 @@ class State:
     max_concurrent: int
     events: EventBus
     watch: WatchConfig
-    body_timeout: float = 10.0
+    body_timeout: float
     ready: bool = False
     not_ready: dict[str, str] = field(
         default_factory=lambda: {"startup": "starting vaults and resolving prefetch references"}
