@@ -1,7 +1,9 @@
-"""Helpers shared by the test suites: a manual clock and a resolver built like the daemon's."""
+"""Helpers shared by the test suites: a manual clock, a resolver built like the daemon's,
+and a TCP listener that counts who connects."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -51,3 +53,26 @@ def make_resolver(
     )
     registry = VaultRegistry(vaults, environ={} if environ is None else environ, limits=limits)
     return Resolver(registry, store, defaults, metrics)
+
+
+class Listener:
+    """A TCP port that counts who connects: the place a hostile query would aim at."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> Listener:
+        def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.connections += 1
+            writer.close()
+
+        self.server = await asyncio.start_server(accepted, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()

@@ -26,7 +26,7 @@ from sidecar.config import ListenConfig
 from tests.backends.vault_server import FakeVault
 from tests.integration.conftest import SECRETS, MakeDaemon
 from tests.integration.harness import Daemon, require_program
-from tests.unit.test_trust_boundary import Listener
+from tests.support import Listener
 
 NOBODY = 65534
 TOKEN = "hvs.trust-boundary-root-token"

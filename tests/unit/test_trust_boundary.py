@@ -21,32 +21,9 @@ from sidecar.config import VaultEntity, load_config, parse_config
 from sidecar.errors import ConfigError, Forbidden, InvalidReference
 from sidecar.resolver import Answer
 from sidecar.vaults import MAX_QUERY_VARIANTS, VaultRegistry
-from tests.support import make_resolver
+from tests.support import Listener, make_resolver
 
 CREDENTIAL = "cred-4f1d9b2e-canary"
-
-
-class Listener:
-    """A TCP port that counts who connects: the place a hostile query would aim at."""
-
-    def __init__(self) -> None:
-        self.connections = 0
-        self.server: asyncio.Server | None = None
-        self.port = 0
-
-    async def __aenter__(self) -> Listener:
-        def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            self.connections += 1
-            writer.close()
-
-        self.server = await asyncio.start_server(accepted, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        assert self.server is not None
-        self.server.close()
-        await self.server.wait_closed()
 
 
 @pytest.fixture
