@@ -1,4 +1,8 @@
-"""``secret-sidecar``: run | get | resolve | check. Exit 0 ok, 1 runtime failure, 2 usage/config."""
+"""``secret-sidecar``: run | get | resolve | check. Exit 0 ok, 1 runtime failure, 2 usage/config.
+
+``get`` and ``resolve`` are for scripts, like ``kong vault get``: the value alone on
+stdout, an error alone on stderr, and no log line unless ``--verbose``.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +10,25 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import aiohttp
 
-from sidecar import __version__
+from sidecar import __version__, access
 from sidecar import logging as sidecar_logging
 from sidecar.config import Config, load_config
-from sidecar.errors import ConfigError, SidecarError, StartupError
+from sidecar.errors import ConfigError, InvalidReference, SidecarError, StartupError
+from sidecar.reference import is_reference, parse
 
 if TYPE_CHECKING:
     from sidecar.resolver import Resolver
 
 OK, FAILED, USAGE = 0, 1, 2
+# Codes that say the argument is wrong, not the backend or the daemon: usage errors.
+_USAGE_CODES = frozenset({"invalid_reference", "invalid_request"})
+_REF_HELP = "a reference {vault://...} or Kong's short form <name>/<resource>[/<key>]"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,11 +42,15 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the daemon")
     run.add_argument("-c", "--config", type=Path, help="YAML config (default: embedded)")
     get = commands.add_parser("get", help="ask a running daemon for a reference")
-    get.add_argument("ref")
+    get.add_argument("ref", help=_REF_HELP)
     get.add_argument("--socket", type=Path, default=Path("sidecar.sock"))
     resolve = commands.add_parser("resolve", help="resolve once without a daemon")
-    resolve.add_argument("ref")
+    resolve.add_argument("ref", help=_REF_HELP)
     resolve.add_argument("-c", "--config", type=Path)
+    for quiet in (get, resolve):
+        quiet.add_argument(
+            "-v", "--verbose", action="store_true", help="log (JSON lines) to stderr"
+        )
     check = commands.add_parser("check", help="validate config, try each vault and prefetch")
     check.add_argument("-c", "--config", type=Path)
     return parser
@@ -48,21 +61,55 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
         return int(exc.code or 0)
+    one_shot = args.command in ("get", "resolve")
+    if one_shot and not args.verbose:
+        sidecar_logging.silence()  # before anything that could log
     try:
+        if one_shot:
+            ref = expand(args.ref)
+            parse(ref)  # a bad argument fails here, before any daemon or backend work
         if args.command == "get":
-            return asyncio.run(_get(args.ref, args.socket))
+            if args.verbose:
+                sidecar_logging.configure("info", "json")
+            return asyncio.run(_get(ref, args.socket))
         config = load_config(args.config)
+        if args.command == "resolve":
+            if args.verbose:
+                sidecar_logging.configure(_verbose_level(config.log.level), config.log.format)
+            return asyncio.run(_resolve(config, ref))
+        access.check_rules_enforceable(config.clients)
         sidecar_logging.configure(config.log.level, config.log.format)
         if args.command == "run":
             return _run(config, args.config)
-        if args.command == "resolve":
-            return asyncio.run(_resolve(config, args.ref))
         return asyncio.run(_check(config))
-    except ConfigError as exc:
-        print(f"secret-sidecar: {exc.message}", file=sys.stderr)
-        return USAGE
+    except SidecarError as exc:  # a config error, or an argument that is no reference
+        return _fail(exc.code, exc.message)
     except KeyboardInterrupt:
         return FAILED
+
+
+def expand(text: str) -> str:
+    """A reference as is; anything else is Kong's short form, wrapped as ``kong vault get``
+    does (``env/name`` -> ``{vault://env/name}``).
+
+    Unlike Kong, text that starts with ``{`` or ``vault://`` is a reference mistyped, not a
+    short form: wrapping it would name a vault like ``{vault`` or ``vault``.
+    """
+    if is_reference(text):
+        return text
+    if text.startswith(("{", "vault://")):
+        raise InvalidReference(f"not a reference [{text}]")
+    return "{vault://" + text + "}"
+
+
+def _verbose_level(configured: str) -> str:
+    """``--verbose`` shows at least the info lines (``backend.call``), whatever ``log.level``."""
+    return "debug" if configured == "debug" else "info"
+
+
+def _fail(code: str, message: str) -> int:
+    print(f"secret-sidecar: {code}: {message}", file=sys.stderr)
+    return USAGE if code in _USAGE_CODES or code == ConfigError.code else FAILED
 
 
 def _run(config: Config, path: Path | None) -> int:
@@ -71,12 +118,13 @@ def _run(config: Config, path: Path | None) -> int:
     try:
         run(config, reload=lambda: load_config(path))
     except StartupError as exc:
-        print(f"secret-sidecar: {exc.message}", file=sys.stderr)
-        return FAILED
+        return _fail(exc.code, exc.message)
     return OK
 
 
 async def _get(ref: str, socket_path: Path) -> int:
+    log = sidecar_logging.get_logger("sidecar.cli")
+    started = time.perf_counter()
     try:
         async with (
             aiohttp.ClientSession(
@@ -85,14 +133,18 @@ async def _get(ref: str, socket_path: Path) -> int:
             ) as session,
             session.get("http://sidecar/v1/secrets", params={"ref": ref}) as response,
         ):
+            status = response.status
             body = await response.json(content_type=None)
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        print(f"secret-sidecar: cannot ask the daemon at {socket_path}: {exc}", file=sys.stderr)
-        return FAILED
-    if "error" in body:
+        log.warning("get.failed", socket=str(socket_path), error=str(exc))
+        return _fail("daemon_unreachable", f"cannot ask the daemon at {socket_path}: {exc}")
+    elapsed = round((time.perf_counter() - started) * 1000, 3)
+    log.info("get", socket=str(socket_path), ref=ref, status=status, duration_ms=elapsed)
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
         error = body["error"]
-        print(f"secret-sidecar: {error['code']}: {error['message']}", file=sys.stderr)
-        return FAILED
+        return _fail(str(error.get("code")), str(error.get("message")))
+    if status != 200 or not isinstance(body, dict) or not isinstance(body.get("value"), str):
+        return _fail("daemon_unreachable", f"unexpected answer from {socket_path} ({status})")
     print(body["value"])
     return OK
 
@@ -113,8 +165,7 @@ async def _resolve(config: Config, ref: str) -> int:
     try:
         answer = await resolver.resolve(ref)
     except SidecarError as exc:
-        print(f"secret-sidecar: {exc.code}: {exc.message}", file=sys.stderr)
-        return FAILED
+        return _fail(exc.code, exc.message)
     finally:
         await resolver.vaults.close()
     print(answer.value)

@@ -97,6 +97,31 @@ def configure(level: str = "info", fmt: str = "json") -> None:
     )
 
 
+def _drop(_logger: Any, _method: str, _event: MutableMapping[str, Any]) -> Any:
+    raise structlog.DropEvent
+
+
+def silence() -> None:
+    """No log output at all, for ``get``/``resolve``: their stderr is the error alone.
+
+    Library records (stdlib ``logging``, and ``warnings`` routed into it) reach a
+    handler that discards them, so Python's last-resort handler prints nothing either.
+    """
+    global _stdlib_handler  # noqa: PLW0603 - the same process-wide slot as configure()
+    root = logging.getLogger()
+    if _stdlib_handler is not None:
+        root.removeHandler(_stdlib_handler)
+    _stdlib_handler = logging.NullHandler()
+    root.addHandler(_stdlib_handler)
+    logging.captureWarnings(True)
+    structlog.configure(
+        processors=[_drop],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL),
+        logger_factory=structlog.ReturnLoggerFactory(),
+        cache_logger_on_first_use=False,
+    )
+
+
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
     logger: structlog.typing.FilteringBoundLogger = structlog.get_logger(component=name)
     return logger

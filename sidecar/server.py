@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from sidecar.access import AccessPolicy, Peer
+from sidecar.access import AccessPolicy, Peer, peer_of
 from sidecar.cache import Change, SecretKey
 from sidecar.config import WatchConfig
 from sidecar.errors import (
@@ -81,8 +81,7 @@ def _state(request: web.Request) -> State:
 
 
 def _peer(request: web.Request) -> Peer:
-    transport = request.transport
-    return Peer.of(transport.get_extra_info("socket") if transport else None)
+    return peer_of(request.transport)
 
 
 def _error(exc: SidecarError) -> web.Response:
