@@ -8,30 +8,41 @@ injected clock, and jitter from an injected random source, so tests can drive bo
 
 The cache decides *when* an entry is due (before its ttl ends, with jitter; after
 a failure, with exponential backoff and full jitter); the refresher decides what
-to do with due entries. State changes (rotated, stale, failed, recovered) are
-reported once each, so watchers and logs see transitions, not attempts.
+to do with due entries. The timetable holds at most one slot per entry (none while
+refresh is off), so memory is bounded by ``max_entries`` in every mode. State
+changes (rotated, stale, failed, recovered) are reported once each, so watchers and
+logs see transitions, not attempts.
+
+Keys carry their vault's generation: a vault replaced by a reload is *retired*, its
+entries dropped, and whatever its loads still in flight return is never stored, so a
+closing client's error can never be cached for its successor.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import enum
-import heapq
 import itertools
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from dataclasses import dataclass
 
+from sortedcontainers import SortedList
+
 from sidecar.backends.base import Fetched, VaultSettings
-from sidecar.errors import BackendFailure, SecretNotFound
+from sidecar.errors import BackendFailure, FailureClass
 
 Clock = Callable[[], float]
 Loader = Callable[[], Awaitable[Fetched]]
 NEVER = float("inf")
 BACKOFF_BASE = 1.0  # seconds before the first retry of a failed entry (before jitter)
+# A reader of an entry with nothing to serve may retry a transient failure this often,
+# whatever the backoff says: recovery after an outage takes a second, not max_backoff.
+EARLY_RETRY = 1.0
 
 
 class LookupResult(enum.Enum):
@@ -60,10 +71,14 @@ class SecretKey:
     secret_id: str
     version: int | None
     settings: VaultSettings
+    generation: int = 0  # of the vault instance: a reload's replacement gets a new one
 
 
 @dataclass(frozen=True, slots=True)
 class Policy:
+    """Kong's fields: ``ttl`` 0 is "no rotation" (kept until a forced refresh),
+    ``neg_ttl`` 0 is "no negative caching" (every read after a failure asks again)."""
+
     ttl: float
     neg_ttl: float
     resurrect_ttl: float
@@ -75,6 +90,61 @@ class Schedule:
 
     window: tuple[float, float] = (0.75, 0.9)
     max_backoff: float = 60.0
+    refresh: bool = True  # off: nothing is scheduled, entries reload when read after ttl
+
+    def first_fraction(self, jitter: float) -> float:
+        """Where in its ttl a new (or recovered) entry is first refreshed.
+
+        Entries loaded together (prefetch, recovery after an outage) would otherwise
+        stay together: each refresh adds only the window's spread. The first refresh is
+        drawn over a span as long as the mean refresh interval, ending where the window
+        ends, so later refreshes arrive evenly from the first cycle on.
+        """
+        low, high = self.window
+        return high - (low + high) / 2 * (1.0 - jitter)
+
+    def fraction(self, jitter: float) -> float:
+        low, high = self.window
+        return low + (high - low) * jitter
+
+
+class Timetable:
+    """When each entry is next due, ordered: one slot per entry, removed with it."""
+
+    def __init__(self) -> None:
+        self._slots = SortedList()  # (at, sequence, key); the sequence breaks ties
+        self._at: dict[SecretKey, tuple[float, int]] = {}
+        self._sequence = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._at)
+
+    def set(self, key: SecretKey, at: float) -> None:
+        self.discard(key)
+        if at != NEVER:
+            slot = (at, next(self._sequence))
+            self._at[key] = slot
+            self._slots.add((*slot, key))
+
+    def discard(self, key: SecretKey) -> None:
+        slot = self._at.pop(key, None)
+        if slot is not None:
+            self._slots.remove((*slot, key))
+
+    def pop_due(self, now: float) -> list[SecretKey]:
+        keys = []
+        while self._slots and self._slots[0][0] <= now:
+            _, _, key = self._slots.pop(0)
+            del self._at[key]
+            keys.append(key)
+        return keys
+
+    def next_due(self) -> float:
+        return self._slots[0][0] if self._slots else NEVER
+
+    def clear(self) -> None:
+        self._slots.clear()
+        self._at.clear()
 
 
 @dataclass(slots=True)
@@ -82,6 +152,7 @@ class Entry:
     policy: Policy
     fetched: Fetched | None = None  # last good value
     fetched_at: float = 0.0
+    attempted_at: float = -NEVER  # when the last load started
     expires_at: float = 0.0
     failure: BackendFailure | None = None  # the last failure, while failing
     failed_until: float = 0.0  # until then readers get the failure (or stale value) unasked
@@ -131,19 +202,37 @@ class Cache:
         on_change: Callable[[SecretKey, Change, Entry], None] = lambda key, change, entry: None,
     ) -> None:
         self.clock = clock
-        self.schedule = schedule
+        self._schedule = schedule
         self.jitter = jitter
         self.max_entries = max_entries
         self.observe = observe
         self.on_change = on_change
         self._entries: OrderedDict[SecretKey, Entry] = OrderedDict()
         self._loads: dict[SecretKey, asyncio.Task[Lookup]] = {}
-        self._due: list[tuple[float, int, SecretKey]] = []  # heap; outdated items skipped
-        self._order = itertools.count()
+        self.timetable = Timetable()
         self._pins: dict[SecretKey, int] = {}
+        self._retired: set[int] = set()  # generations of vaults a reload replaced
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def schedule(self) -> Schedule:
+        return self._schedule
+
+    @schedule.setter
+    def schedule(self, schedule: Schedule) -> None:
+        """Turning refresh off empties the timetable; turning it on schedules every entry."""
+        self._schedule = schedule
+        if not schedule.refresh:
+            self.timetable.clear()
+            return
+        if len(self.timetable) < len(self._entries):
+            now = self.clock()
+            for key, entry in self._entries.items():
+                if entry.refresh_at == NEVER and entry.policy.ttl > 0:
+                    at = entry.fetched_at + entry.policy.ttl * schedule.window[1]
+                    self._plan(key, entry, max(at, now))
 
     def items(self) -> Iterator[tuple[SecretKey, Entry]]:
         return iter(list(self._entries.items()))
@@ -174,7 +263,7 @@ class Cache:
                     self._start_load(key, policy, load)
                 self.observe(LookupResult.STALE)
                 return self._lookup(entry, LookupResult.STALE, now)
-            if entry.is_held(now):
+            if entry.is_held(now) and not self._may_retry_early(key, entry, now):
                 self.observe(LookupResult.NEGATIVE)
                 assert entry.failure is not None
                 # a fresh traceback each time: re-raising would grow the stored one
@@ -189,6 +278,17 @@ class Cache:
         self.observe(lookup.result)
         return lookup
 
+    def _may_retry_early(self, key: SecretKey, entry: Entry, now: float) -> bool:
+        """A transient failure with nothing to serve: one reader a second may ask again
+        (and wait for it) rather than everyone waiting out the backoff. Denials, gone and
+        misconfigured failures keep Kong's ``neg_ttl``."""
+        assert entry.failure is not None
+        return (
+            entry.failure.transient
+            and key not in self._loads
+            and now - entry.attempted_at >= EARLY_RETRY
+        )
+
     def loading(self, key: SecretKey) -> asyncio.Task[Lookup] | None:
         """The load under way for ``key`` (a background retry included), if any."""
         return self._loads.get(key)
@@ -197,6 +297,9 @@ class Cache:
         """The load under way for ``key``, or a new one: one backend call per key at a time."""
         task = self._loads.get(key)
         if task is None:
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry.attempted_at = self.clock()
             task = asyncio.ensure_future(self._load(key, policy, load))
             self._loads[key] = task
             task.add_done_callback(lambda t: self._loads.pop(key, None))
@@ -214,13 +317,20 @@ class Cache:
         now = self.clock()
         entry = self._entries.get(key)
         if entry is None:
-            entry = Entry(policy, last_used=now)
+            entry = Entry(policy, last_used=now, attempted_at=now)
         before, previous = entry.health, entry.fetched
         entry.policy, entry.fetched, entry.fetched_at = policy, fetched, now
-        entry.expires_at = now + policy.ttl
         entry.failure, entry.failures, entry.health = None, 0, Health.FRESH
-        low, high = self.schedule.window
-        self._store(key, entry, now + policy.ttl * (low + (high - low) * self.jitter()))
+        if policy.ttl == 0:  # Kong's "no rotation": kept until a forced refresh
+            entry.expires_at = refresh_at = NEVER
+        else:
+            entry.expires_at = now + policy.ttl
+            steady = previous is not None and before is Health.FRESH
+            draw = self.schedule.fraction if steady else self.schedule.first_fraction
+            refresh_at = now + policy.ttl * draw(self.jitter())
+        if key.generation in self._retired:  # its vault was replaced while this ran
+            return self._lookup(entry, LookupResult.MISS, now)
+        self._store(key, entry, refresh_at)
         if previous is not None and previous != fetched:
             self.on_change(key, Change.ROTATED, entry)
         if before is not Health.FRESH:
@@ -234,23 +344,26 @@ class Cache:
         answer or an outage keeps it servable within ``resurrect_ttl`` and is retried with
         backoff; with no value to serve, a permanent failure is remembered for ``neg_ttl``.
         """
+        if key.generation in self._retired:
+            raise failure
         now = self.clock()
         entry = self._entries.get(key)
         if entry is None:
-            entry = Entry(policy, last_used=now)
+            entry = Entry(policy, last_used=now, attempted_at=now)
         entry.policy, entry.failure = policy, _detached(failure)
         entry.failures += 1
-        if isinstance(failure, SecretNotFound):
+        if failure.failure_class is FailureClass.GONE:
             entry.fetched = None
+        backoff = self._backoff(entry.failures)
         if entry.can_resurrect(now):
-            entry.failed_until = now + self._backoff(entry.failures)
+            entry.failed_until = now + backoff
             health = Health.STALE
         else:
-            hold = self._backoff(entry.failures) if failure.transient else policy.neg_ttl
-            entry.failed_until = now + hold
+            entry.failed_until = now + (backoff if failure.transient else policy.neg_ttl)
             health = Health.FAILED
         before, entry.health = entry.health, health
-        self._store(key, entry, entry.failed_until)
+        # neg_ttl 0 holds no reader back, but the refresher still waits out a backoff
+        self._store(key, entry, max(entry.failed_until, now + backoff))
         if health is not before:
             self.on_change(key, Change(health.value), entry)
         if health is Health.STALE:
@@ -265,10 +378,18 @@ class Cache:
     def _store(self, key: SecretKey, entry: Entry, refresh_at: float) -> None:
         self._entries[key] = entry
         self._entries.move_to_end(key)
-        entry.refresh_at = refresh_at
-        heapq.heappush(self._due, (refresh_at, next(self._order), key))
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        self._plan(key, entry, refresh_at)
+        self._evict(self.max_entries)
+
+    def _plan(self, key: SecretKey, entry: Entry, refresh_at: float) -> None:
+        entry.refresh_at = refresh_at if self._schedule.refresh else NEVER
+        self.timetable.set(key, entry.refresh_at)
+
+    def _evict(self, max_entries: int) -> None:
+        """Least recently used first, pinned ones included: the bound is the bound."""
+        while len(self._entries) > max_entries:
+            key, _ = self._entries.popitem(last=False)
+            self.timetable.discard(key)
 
     @staticmethod
     def _lookup(entry: Entry, result: LookupResult, now: float) -> Lookup:
@@ -276,25 +397,15 @@ class Cache:
         return Lookup(entry.fetched, result, now - entry.fetched_at, entry.expires_at - now)
 
     def due(self, now: float) -> list[SecretKey]:
-        """Pop the keys whose refresh time has come (each at most once)."""
-        keys = []
-        while self._due and self._due[0][0] <= now:
-            at, _, key = heapq.heappop(self._due)
-            entry = self._entries.get(key)
-            if entry is not None and entry.refresh_at == at:
-                entry.refresh_at = NEVER  # until the refresh stores a new time
-                keys.append(key)
+        """Take the keys whose refresh time has come (each at most once)."""
+        keys = self.timetable.pop_due(now)
+        for key in keys:
+            self._entries[key].refresh_at = NEVER  # until the refresh stores a new time
         return keys
 
     def next_due(self) -> float:
-        """When the next entry is due (``NEVER`` if none); drops outdated heap items."""
-        while self._due:
-            at, _, key = self._due[0]
-            entry = self._entries.get(key)
-            if entry is not None and entry.refresh_at == at:
-                return at
-            heapq.heappop(self._due)
-        return NEVER
+        """When the next entry is due (``NEVER`` if none)."""
+        return self.timetable.next_due()
 
     def pin(self, key: SecretKey) -> None:
         """Keep ``key`` refreshed even when nobody reads it (prefetch, watchers)."""
@@ -312,7 +423,10 @@ class Cache:
         entry = self._entries.get(key)
         if entry is None or key in self._pins:
             return False
-        limit = idle_ttl if idle_ttl is not None else 3 * entry.policy.ttl
+        if idle_ttl is not None:
+            limit = idle_ttl
+        else:  # "no rotation" entries are kept: their reader reads them at start only
+            limit = 3 * entry.policy.ttl if entry.policy.ttl > 0 else NEVER
         return now - entry.last_used >= limit
 
     def drop(self, predicate: Callable[[SecretKey], bool]) -> int:
@@ -320,12 +434,30 @@ class Cache:
         doomed = [key for key in self._entries if predicate(key)]
         for key in doomed:
             del self._entries[key]
+            self.timetable.discard(key)
         return len(doomed)
+
+    def retire(self, generations: Collection[int]) -> int:
+        """Forget the vault instances a reload replaced: their entries now, and whatever
+        their loads still in flight bring back. Returns the entries dropped."""
+        self._retired.update(generations)
+        return self.drop(lambda key: key.generation in self._retired)
+
+    async def settle(self, generations: Collection[int], within: float) -> int:
+        """Wait (up to ``within`` seconds) for the loads of these generations; return how
+        many are still running, so their vault is closed only once nobody uses it."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                while pending := self._loads_of(generations):
+                    await asyncio.wait(pending)
+        return len(self._loads_of(generations))
+
+    def _loads_of(self, generations: Collection[int]) -> list[asyncio.Task[Lookup]]:
+        return [task for key, task in self._loads.items() if key.generation in generations]
 
     def resize(self, max_entries: int) -> None:
         self.max_entries = max_entries
-        while len(self._entries) > max_entries:
-            self._entries.popitem(last=False)
+        self._evict(max_entries)
 
 
 def _detached(failure: BackendFailure) -> BackendFailure:

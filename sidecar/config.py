@@ -15,13 +15,28 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from sidecar.backends import BACKEND_NAMES
+from sidecar.backends import BACKEND_NAMES, load_kind
+from sidecar.backends.base import MAX_TTL
 from sidecar.errors import ConfigError
 
 PREFIX_PATTERN = r"^[a-z][a-z0-9-]*[a-z0-9]$"
+# Kong's loaded vault names may not be prefixes: ours plus the other bundled ones.
+RESERVED_NAMES = BACKEND_NAMES | {"azure", "conjur"}
+# Kong's tag: printable ASCII but ',' and '/', or any non-ASCII character; never empty.
+_TAG = re.compile(r"[ !-+\-.0-~\u0080-\U0010ffff]+")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
 Seconds = Annotated[float, Field(ge=0)]
+Ttl = Annotated[float, Field(ge=0, le=MAX_TTL)]  # Kong's typedefs.ttl
 SUN_PATH_MAX = 107  # bytes of a Unix socket path (sun_path is 108 with its NUL)
 # Sections whose values may be echoed in errors; ``vaults`` hold credentials, so never.
 _ECHOED = frozenset({"listen", "metrics", "log", "cache", "refresh", "limits", "watch"})
@@ -99,9 +114,9 @@ class LogConfig(_Model):
 class CacheConfig(_Model):
     """Defaults for every vault; a vault's own ``ttl``/``neg_ttl``/``resurrect_ttl`` win."""
 
-    ttl: float = Field(default=300.0, gt=0)
-    neg_ttl: Seconds = 30.0
-    resurrect_ttl: Seconds = 3600.0
+    ttl: Ttl = 300.0  # 0: Kong's "no rotation" (fetched once, refreshed only on demand)
+    neg_ttl: Ttl = 30.0  # 0: no negative caching
+    resurrect_ttl: Ttl = 3600.0
     max_entries: int = Field(default=100_000, gt=0)
     backend_timeout: float = Field(default=10.0, gt=0)  # whole call, retries included
     backend_retries: int = Field(default=2, ge=0)  # extra attempts after a transient failure
@@ -141,11 +156,20 @@ class WatchConfig(_Model):
 
 
 class VaultEntity(_Model):
-    """Kong's vault entity. ``id``/timestamps from a decK dump are accepted and unused."""
+    """Kong's vault entity, refused where Kong's schema refuses it (docs/kong.md).
+
+    ``id``/timestamps from a decK dump are accepted and unused. Each backend's own
+    entity rules run here too (``VaultSettings.check_entity``), so ``load_config``
+    fails on them; its field rules run on the env-overlaid config when the vaults
+    are built, before anything listens.
+    """
+
+    # An entity's config holds credentials: a ValidationError's text must not show them.
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     prefix: str = Field(pattern=PREFIX_PATTERN)
     name: Literal["env", "aws", "gcp", "hcv"]
-    description: str | None = None
+    description: str | None = Field(default=None, min_length=1)  # Kong: no empty strings
     config: dict[str, Any] = Field(default_factory=dict, repr=False)  # credentials live here
     tags: tuple[str, ...] | None = None
     limits: LimitsConfig | None = None  # ours, not Kong's: default is the top-level limits
@@ -156,9 +180,36 @@ class VaultEntity(_Model):
     @field_validator("prefix")
     @classmethod
     def _not_a_backend(cls, value: str) -> str:
-        if value in BACKEND_NAMES:
-            raise ValueError(f"must not be a backend name ({', '.join(sorted(BACKEND_NAMES))})")
+        if value in RESERVED_NAMES:
+            names = ", ".join(sorted(RESERVED_NAMES))
+            raise ValueError(f"must not be a backend name (Kong reserves {names})")
         return value
+
+    @field_validator("tags")
+    @classmethod
+    def _kong_tags(cls, tags: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        for tag in tags or ():
+            if not _TAG.fullmatch(tag):
+                raise ValueError(
+                    "a tag must be printable ASCII other than ',' and '/' (or non-ASCII"
+                    " text), and not empty"
+                )
+        return tags
+
+    @field_validator("id")
+    @classmethod
+    def _uuid(cls, value: str | None) -> str | None:
+        if value is not None and not _UUID.fullmatch(value):
+            raise ValueError("must be a UUID such as 4e8b8b7a-0b0e-4f5e-9d5c-1c2b3a4d5e6f")
+        return value
+
+    @field_validator("config")
+    @classmethod
+    def _kong_entity_rules(cls, config: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        name = info.data.get("name")
+        if name is not None:
+            load_kind(name).settings.check_entity(config)
+        return config
 
 
 class ClientRule(_Model):
@@ -221,6 +272,17 @@ class Config(_Model):
         for ref in refs:
             parse(ref)
         return refs
+
+    @model_validator(mode="after")
+    def _prefetch_fits(self) -> Config:
+        """Prefetched entries are pinned but not exempt from ``max_entries`` (the bound is
+        the bound): more of them than fit would evict each other, refetched on every read."""
+        if len(self.prefetch) > self.cache.max_entries:
+            raise ValueError(
+                f"prefetch has {len(self.prefetch)} references but cache.max_entries is"
+                f" {self.cache.max_entries}; raise max_entries or prefetch fewer"
+            )
+        return self
 
 
 def describe_errors(

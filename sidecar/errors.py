@@ -7,6 +7,7 @@ to logs: they must never contain a secret value or a credential.
 
 from __future__ import annotations
 
+import enum
 from typing import ClassVar
 
 
@@ -80,33 +81,54 @@ class TooManyRequests(SidecarError):
     status = 429
 
 
-class BackendFailure(SidecarError):
-    """A backend could not produce a value.
+class FailureClass(enum.Enum):
+    """What a backend failure says about the value, and so what the cache does with it.
 
-    ``transient`` decides what the cache does with it: a transient failure
-    (timeout, 5xx, throttling) lets the last good value be served stale within
-    ``resurrect_ttl``; a permanent one (not found, denied) is remembered for
-    ``neg_ttl``.
+    Only *gone* drops a good value at once. *Denied*, *transient* and *misconfigured*
+    leave the last good value servable (stale) within ``resurrect_ttl``: a revoked
+    policy, an outage or a bad deploy of the vault's config must not take a working
+    gateway down with it. With nothing to serve, *transient* failures are retried with
+    backoff (and early by readers), the others are remembered for ``neg_ttl``.
     """
 
-    transient: ClassVar[bool] = False
+    GONE = "gone"  # not found, deleted, version destroyed
+    DENIED = "denied"  # the backend refuses our identity this secret
+    TRANSIENT = "transient"  # timeouts, 5xx, throttling, our own expired credentials
+    MISCONFIGURED = "misconfigured"  # the vault's settings are wrong; retrying will not help
+
+
+class BackendFailure(SidecarError):
+    """A backend could not produce a value; its ``failure_class`` decides what happens next.
+
+    Unrecognised failures are transient: an odd exception must not drop a good value.
+    """
+
+    failure_class: ClassVar[FailureClass] = FailureClass.TRANSIENT
+
+    @property
+    def transient(self) -> bool:
+        return self.failure_class is FailureClass.TRANSIENT
 
 
 class SecretNotFound(BackendFailure):
     code = "not_found"
     status = 404
+    failure_class = FailureClass.GONE
 
 
 class AccessDenied(BackendFailure):
     code = "forbidden"
     status = 403
+    failure_class = FailureClass.DENIED
 
 
 class BackendError(BackendFailure):
-    """The backend refused in a way retrying will not fix (bad config, bad answer)."""
+    """The vault is misconfigured (no credentials, no region, refused request shape), or
+    the backend answered something no retry will change (not base64, not a JSON map)."""
 
     code = "backend_error"
     status = 502
+    failure_class = FailureClass.MISCONFIGURED
 
 
 class BackendUnavailable(BackendFailure):
@@ -114,13 +136,16 @@ class BackendUnavailable(BackendFailure):
 
     code = "backend_unavailable"
     status = 503
-    transient = True
+
+
+class CredentialsExpired(BackendUnavailable):
+    """Our own credentials for the backend expired or were revoked: the backend has
+    dropped them so the next attempt authenticates again, and the call is retried."""
 
 
 class BackendTimeout(BackendFailure):
     code = "backend_timeout"
     status = 504
-    transient = True
 
 
 class StartupError(SidecarError):

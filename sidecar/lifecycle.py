@@ -4,7 +4,10 @@ Resources start in order and close in reverse: socket, API, metrics listener,
 backends, prefetch/readiness. SIGTERM/SIGINT turn readiness off, stop accepting,
 let in-flight requests finish within ``drain_timeout``, close backends and remove
 the socket; a second one removes the socket and exits at once (exit code 1).
-SIGHUP re-reads the configuration; an invalid one is logged and the old kept.
+SIGHUP re-reads the configuration; an invalid one is logged and the old kept. A
+reload swaps vaults, cache limits, refresh, ACL, watch and metrics settings; vaults
+that changed are retired (their entries dropped) and closed once their loads in
+flight have ended. Only the listen socket's settings wait for a restart.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from aiohttp import web
 
 from sidecar import logging as sidecar_logging
 from sidecar import unix_socket
-from sidecar.access import AccessPolicy
+from sidecar.access import AccessPolicy, check_rules_enforceable
 from sidecar.cache import Cache, Change, Entry, Health, Schedule, SecretKey
 from sidecar.config import Config
 from sidecar.connections import GuardedSite
@@ -39,6 +42,7 @@ log = get_logger("sidecar.lifecycle")
 
 PREFETCH_RETRY_MAX = 30.0  # seconds between retries of prefetch refs that failed
 LOOP_LAG_INTERVAL = 0.5  # seconds between event-loop lag samples
+SETTLE_MARGIN = 5.0  # seconds past backend_timeout a retired vault's loads get to end
 
 
 class Daemon:
@@ -73,6 +77,7 @@ class Daemon:
         )
         self._pinned: list[SecretKey] = []
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.scrape: web.AppRunner | None = None  # the metrics listener
 
     def _changed(self, key: SecretKey, change: Change, entry: Entry) -> None:
         """One log line per transition (not per attempt), metrics, and watcher events."""
@@ -102,14 +107,15 @@ class Daemon:
         """Background work: readiness (vaults, prefetch), loop-lag samples, the refresher."""
         self._restart("readiness", self._prepare())
         self._restart("loop-lag", self._sample_loop_lag())
-        if self.config.refresh.enabled:
-            self._restart("refresh", self.refresher.run())
+        self._restart("refresh", self.refresher.run() if self.config.refresh.enabled else None)
 
-    def _restart(self, name: str, work: Coroutine[object, object, None]) -> None:
-        previous = self._tasks.get(name)
+    def _restart(self, name: str, work: Coroutine[object, object, None] | None) -> None:
+        """Replace a background task (``None``: just stop it)."""
+        previous = self._tasks.pop(name, None)
         if previous is not None:
             previous.cancel()
-        self._tasks[name] = asyncio.create_task(work)
+        if work is not None:
+            self._tasks[name] = asyncio.create_task(work)
 
     async def _sample_loop_lag(self) -> None:
         """A timer that fires late means every request waits as long: a blocking call, or
@@ -157,28 +163,60 @@ class Daemon:
     async def reload(self, load: Callable[[], Config]) -> None:
         try:
             config = load()
+            check_rules_enforceable(config.clients)
             vaults = VaultRegistry(config.vaults, limits=config.limits)
         except ConfigError as exc:
             self.metrics.reloads.labels("failed").inc()
             log.error("config.reload_failed", error=exc.message)
             return
         old = self.config
-        if (config.listen, config.metrics, config.watch) != (old.listen, old.metrics, old.watch):
-            log.warning("config.restart_needed", reason="listen/metrics/watch need a restart")
+        if config.listen != old.listen:
+            log.warning("config.restart_needed", reason="listen settings apply at the next start")
         retired = vaults.adopt_unchanged(self.state.resolver.vaults)
-        gone = {vault.prefix for vault in retired}
-        dropped = self.cache.drop(lambda key: key.vault in gone)
+        generations = {vault.generation for vault in retired}
+        dropped = self.cache.retire(generations)
         self.cache.resize(config.cache.max_entries)
         self.cache.schedule = _schedule(config)
         self.refresher = Refresher(lambda: self.state.resolver, self.cache, config.refresh.idle_ttl)
         self.state.resolver = Resolver(vaults, self.cache, config.cache, self.metrics)
         self.state.access = AccessPolicy(config.clients)
+        self.state.watch = config.watch
         self.config = config
+        if config.metrics != old.metrics:
+            await self._move_metrics(old)
         sidecar_logging.configure(config.log.level, config.log.format)
         self.metrics.reloads.labels("ok").inc()
-        log.info("config.reloaded", retired_vaults=sorted(gone), dropped_entries=dropped)
-        await close_vaults(retired)
+        log.info("config.reloaded", retired_vaults=sorted(v.prefix for v in retired),
+                 dropped_entries=dropped)  # fmt: skip
         self.start()
+        # Loads already running finish against the vault they started on: close it after.
+        busy = await self.cache.settle(generations, old.cache.backend_timeout + SETTLE_MARGIN)
+        if busy:
+            log.warning("reload.closing_busy_vaults", loads=busy)
+        await close_vaults(retired)
+
+    def not_ready_any_more(self) -> None:
+        """From the stop signal on, /readyz says 503 ``draining``: the gateway's probes must
+        stop sending before the socket does."""
+        self.state.ready = False
+        self.state.not_ready = {"draining": "the daemon is stopping"}
+        self.metrics.ready.set(0)
+
+    async def start_metrics(self) -> None:
+        self.scrape = await _start_metrics(self, self.config)
+
+    async def _move_metrics(self, old: Config) -> None:
+        """Listen on the new metrics address; if that fails, keep the old one."""
+        previous, self.scrape = self.scrape, None
+        if previous is not None:
+            await previous.cleanup()
+        try:
+            await self.start_metrics()
+        except StartupError as exc:
+            log.error("config.metrics_not_moved", error=exc.message, kept=old.metrics.address)
+            self.scrape = await _start_metrics(self, old)
+        else:
+            log.info("metrics.moved", metrics=self.config.metrics.address or None)
 
     async def close(self) -> None:
         for task in self._tasks.values():
@@ -187,10 +225,13 @@ class Daemon:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.state.resolver.vaults.close()
+        if self.scrape is not None:
+            await self.scrape.cleanup()
 
 
 def _schedule(config: Config) -> Schedule:
-    return Schedule(window=config.refresh.window, max_backoff=config.refresh.max_backoff)
+    refresh = config.refresh
+    return Schedule(window=refresh.window, max_backoff=refresh.max_backoff, refresh=refresh.enabled)
 
 
 async def _start_metrics(daemon: Daemon, config: Config) -> web.AppRunner | None:
@@ -212,9 +253,7 @@ async def _drain(daemon: Daemon, site: web.BaseSite, drain_timeout: float) -> No
     """Stop accepting, end watch streams, then let in-flight requests finish while their
     connections stay fully open (aiohttp's own shutdown stops reading request bodies)."""
     log.info("draining", in_flight=daemon.state.in_flight, timeout_seconds=drain_timeout)
-    daemon.state.ready = False
-    daemon.state.not_ready = {"draining": "the daemon is stopping"}
-    daemon.metrics.ready.set(0)
+    daemon.not_ready_any_more()
     await site.stop()
     daemon.events.end_all()
     try:
@@ -269,6 +308,7 @@ async def serve(
     def on_stop() -> None:
         """The first signal drains; a second one means "now": no drain, no backend close."""
         if not stop.is_set():
+            daemon.not_ready_any_more()
             stop.set()
             return
         log.warning("stop.forced", in_flight=daemon.state.in_flight)
@@ -276,12 +316,11 @@ async def serve(
         os._exit(1)
 
     api = web.AppRunner(build_app(daemon.state), access_log=None, shutdown_timeout=1.0)
-    scrape: web.AppRunner | None = None
     try:
         await api.setup()
         site = GuardedSite(api, sock, listen)
         await site.start()
-        scrape = await _start_metrics(daemon, config)
+        await daemon.start_metrics()
         if handle_signals:
             loop.add_signal_handler(signal.SIGTERM, on_stop)
             loop.add_signal_handler(signal.SIGINT, on_stop)
@@ -297,8 +336,6 @@ async def serve(
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
         await api.cleanup()  # close idle keep-alive connections, cancel what outlived the drain
-        if scrape is not None:
-            await scrape.cleanup()
         await daemon.close()
         unix_socket.remove(listen.socket, inode)
         log.info("stopped")

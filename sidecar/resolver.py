@@ -1,7 +1,7 @@
 """Reference -> vault -> cached backend fetch -> JSON key -> answer.
 
 The only place that calls backends: it bounds each call in time, turns
-unexpected SDK exceptions into ``BackendError`` and records one metric and one
+unexpected SDK exceptions into transient ``BackendUnavailable`` and records one metric and one
 log line per call, so every backend gets that for free.
 """
 
@@ -16,6 +16,7 @@ import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
 
@@ -28,9 +29,11 @@ from sidecar.errors import (
     BackendError,
     BackendFailure,
     BackendTimeout,
+    BackendUnavailable,
     InvalidReference,
     SecretNotFound,
     SidecarError,
+    UnknownVault,
 )
 from sidecar.logging import get_logger
 from sidecar.metrics import Metrics
@@ -90,7 +93,10 @@ class Answer:
             "cached": self.lookup.cached,
             "stale": self.lookup.stale,
             "age_seconds": round(self.lookup.age, 3),
-            "expires_in_seconds": round(self.lookup.expires_in, 3),
+            # ttl 0 ("no rotation") never expires
+            "expires_in_seconds": (
+                round(self.lookup.expires_in, 3) if self.lookup.expires_in != NEVER else None
+            ),
         }
 
 
@@ -112,6 +118,7 @@ class Resolver:
         self.cache = cache
         self.defaults = defaults
         self.metrics = metrics
+        self._unrecognised: set[tuple[str, str]] = set()
 
     def target(self, text: str) -> Target:
         """Parse and bind a reference; raises ``InvalidReference`` or ``UnknownVault``."""
@@ -129,7 +136,9 @@ class Resolver:
         vault = self.vaults.get(reference.name)
         settings = vault.settings_for(reference.config)
         vault.kind.check(reference.resource, reference.version, settings)
-        key = SecretKey(vault.prefix, reference.resource, reference.version, settings)
+        key = SecretKey(
+            vault.prefix, reference.resource, reference.version, settings, vault.generation
+        )
         return Target(reference, vault, key, self.policy(settings))
 
     def policy(self, settings: VaultSettings) -> Policy:
@@ -232,9 +241,9 @@ class Resolver:
         Keys of a batch-capable backend sharing vault and settings go in one
         ``fetch_many``; the others are fetched one call each, concurrently.
         """
-        groups: defaultdict[tuple[str, VaultSettings], list[SecretKey]] = defaultdict(list)
+        groups: defaultdict[tuple[str, int, VaultSettings], list[SecretKey]] = defaultdict(list)
         for key in dict.fromkeys(keys):
-            groups[(key.vault, key.settings)].append(key)
+            groups[(key.vault, key.generation, key.settings)].append(key)
         results: dict[SecretKey, Lookup | SidecarError] = {}
 
         async def one(key: SecretKey, load: Callable[[], Awaitable[Fetched]]) -> None:
@@ -245,10 +254,12 @@ class Resolver:
                 results[key] = exc
 
         jobs = []
-        for (prefix, settings), group in groups.items():
+        for (prefix, generation, settings), group in groups.items():
             try:
                 vault = self.vaults.get(prefix)
-            except SidecarError as exc:  # a vault removed by a reload
+                if vault.generation != generation:
+                    raise UnknownVault(f"vault {prefix!r} was replaced by a reload")
+            except SidecarError as exc:  # a vault removed or replaced by a reload
                 results.update(dict.fromkeys(group, exc))
                 continue
             backend = vault.backend
@@ -288,14 +299,21 @@ class Resolver:
         return {key: partial(load, index) for index, key in enumerate(keys)}
 
     def status(self) -> dict[str, Any]:
-        """Per-vault counts, ages and schedule for ``/v1/status`` and the gauges; never values."""
+        """Per-vault counts, ages and schedule for ``/v1/status`` and the gauges; never values.
+
+        ``last_refresh_at`` is the wall-clock time of the vault's newest successful fetch
+        (``last_refresh_age_seconds`` the same as an age), so an operator sees a vault
+        whose refreshes stopped landing.
+        """
         now = self.cache.clock()
         vaults: dict[str, dict[str, Any]] = {
             v.prefix: {"backend": v.backend_name, "started": v.started, "entries": 0,
                        "fresh": 0, "stale": 0, "failed": 0, "oldest_age_seconds": None,
+                       "last_refresh_at": None, "last_refresh_age_seconds": None,
                        "next_refresh_in_seconds": None, "last_error": None}
             for v in self.vaults
         }  # fmt: skip
+        newest: dict[str, float] = {}
         for key, entry in self.cache.items():
             row = vaults.get(key.vault)
             if row is None:
@@ -305,11 +323,18 @@ class Resolver:
             if entry.fetched is not None:
                 age = round(now - entry.fetched_at, 3)
                 row["oldest_age_seconds"] = max(row["oldest_age_seconds"] or 0.0, age)
+                newest[key.vault] = max(newest.get(key.vault, -NEVER), entry.fetched_at)
             if entry.refresh_at != NEVER:
                 due = round(max(entry.refresh_at - now, 0.0), 3)
                 row["next_refresh_in_seconds"] = min(row["next_refresh_in_seconds"] or due, due)
             if entry.failure is not None:
                 row["last_error"] = {"code": entry.failure.code, "message": entry.failure.message}
+        wall = datetime.now(UTC)
+        for prefix, fetched_at in newest.items():
+            age = max(now - fetched_at, 0.0)
+            vaults[prefix]["last_refresh_age_seconds"] = round(age, 3)
+            at = wall - timedelta(seconds=age)
+            vaults[prefix]["last_refresh_at"] = at.isoformat(timespec="milliseconds")
         cache = {"entries": len(self.cache), "max_entries": self.cache.max_entries}
         return {"cache": cache, "vaults": vaults}
 
@@ -321,6 +346,14 @@ class Resolver:
         if version is None and reference.version is not None:
             version = str(reference.version)
         return Answer(text, value, version, lookup)
+
+    def _first_sighting(self, vault: Vault, exc: Exception) -> None:
+        """Log an exception type the backend did not map, once per vault and type: it is a
+        mapping to add, not news on every call."""
+        kind = (vault.prefix, f"{type(exc).__module__}.{type(exc).__qualname__}")
+        if kind not in self._unrecognised:
+            self._unrecognised.add(kind)
+            log.warning("backend.unrecognised_error", vault=vault.prefix, error_type=kind[1])
 
     async def _call(
         self, vault: Vault, about: dict[str, Any], call: Callable[[], Awaitable[T]]
@@ -362,10 +395,12 @@ class Resolver:
             outcome = exc.code
             raise
         except Exception as exc:
-            outcome = "backend_error"
-            raise BackendError(
+            # Unrecognised is transient: an odd exception must not drop a good value.
+            outcome = "backend_unavailable"
+            self._first_sighting(vault, exc)
+            raise BackendUnavailable(
                 f"vault {vault.prefix!r} failed unexpectedly ({type(exc).__name__})"
-            ) from exc
+            ) from None
         finally:
             elapsed = time.perf_counter() - started
             labels = (vault.prefix, vault.backend_name, outcome)

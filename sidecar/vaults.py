@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from sidecar.config import LimitsConfig, VaultEntity, describe_errors, short
 from sidecar.errors import ConfigError, InvalidReference, UnknownVault
 
 MAX_QUERY_VARIANTS = 64
+_generations = itertools.count(1)  # each Vault instance's own: cache keys carry it
 _NOT_FROM_ENV = frozenset({"query_overrides"})  # widening is written in the vault entity only
 
 
@@ -57,6 +59,7 @@ class Vault:
     limits: LimitsConfig
     entity: VaultEntity | None = None
     started: bool = False
+    generation: int = field(init=False, default_factory=lambda: next(_generations))
     _start_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     slots: asyncio.Semaphore = field(init=False)
     limiter: AsyncLimiter = field(init=False)

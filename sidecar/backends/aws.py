@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -16,7 +17,9 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
+import botocore
 from aiobotocore.config import AioConfig
 from aiobotocore.credentials import AioCredentialResolver, AioDeferredRefreshableCredentials
 from aiobotocore.session import AioSession
@@ -32,7 +35,8 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 from botocore.exceptions import ConnectionError as AwsConnectionError
-from pydantic import Field
+from botocore.loaders import create_loader
+from pydantic import Field, field_validator
 
 from sidecar.backends.base import QUERY_FIELDS, BackendKind, Fetched, VaultSettings
 from sidecar.errors import (
@@ -41,6 +45,7 @@ from sidecar.errors import (
     BackendFailure,
     BackendTimeout,
     BackendUnavailable,
+    CredentialsExpired,
     InvalidReference,
     SecretNotFound,
 )
@@ -59,7 +64,14 @@ _TRANSIENT = frozenset({
 _DENIED = frozenset({
     "AccessDeniedException", "AccessDenied", "UnrecognizedClientException",
     "InvalidClientTokenId", "InvalidSignatureException", "SignatureDoesNotMatch",
-    "IncompleteSignature", "MissingAuthenticationToken", "ExpiredTokenException", "ExpiredToken",
+    "IncompleteSignature", "MissingAuthenticationToken",
+})  # fmt: skip
+# Our own credentials ran out: a new client re-reads the credential chain, then one retry.
+_EXPIRED = frozenset({"ExpiredTokenException", "ExpiredToken", "RequestExpired"})
+# The request's shape or the vault's settings are wrong: asking again as is will not help.
+_REFUSED = frozenset({
+    "InvalidParameterException", "InvalidRequestException", "ValidationException",
+    "InvalidParameterValue", "MalformedQueryString",
 })  # fmt: skip
 # A whole BatchGetSecretValue refused like this is not worth trying again on that client.
 _BATCH_REFUSED = frozenset({
@@ -88,6 +100,32 @@ class AwsSettings(VaultSettings):
     version_stage: str | None = Field(default=None, min_length=1)
     connect_timeout: float = Field(default=3.0, gt=0)
     read_timeout: float = Field(default=5.0, gt=0)
+
+    @field_validator("region")
+    @classmethod
+    def _known_region(cls, region: str | None) -> str | None:
+        """Kong's schema lists the regions it accepts; ours is botocore's list, newer."""
+        if region is not None and region not in known_regions():
+            raise ValueError(
+                f"must be an AWS region botocore {botocore.__version__} knows:"
+                f" {', '.join(sorted(known_regions()))}"
+            )
+        return region
+
+    @field_validator("endpoint_url", "sts_endpoint_url")
+    @classmethod
+    def _has_host(cls, url: str | None) -> str | None:
+        """Kong's ``typedefs.url`` wants a scheme and a host."""
+        if url is not None and not urlsplit(url).hostname:
+            raise ValueError("must be an http(s) URL with a host, e.g. https://vpce.example:443")
+        return url
+
+
+@functools.cache
+def known_regions() -> frozenset[str]:
+    """Every region of every partition in botocore's own endpoint data (offline, read once)."""
+    data = create_loader().load_data("endpoints")
+    return frozenset(region for partition in data["partitions"] for region in partition["regions"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,13 +180,17 @@ def code_failure(code: str, status: int | None, message: str, what: str) -> Back
         return SecretNotFound(f"{what}: not found")
     if code == "InvalidRequestException" and _DELETED.search(message):
         return SecretNotFound(f"{what}: secret is scheduled for deletion")
+    if code in _EXPIRED:
+        return CredentialsExpired(f"{what}: our AWS credentials expired ({code})")
     if code in _DENIED or status in (401, 403):
         return AccessDenied(f"{what}: access denied ({code})")
     if code == "DecryptionFailure":
         return AccessDenied(f"{what}: cannot decrypt (check kms:Decrypt on its KMS key)")
     if code in _TRANSIENT or status == 429 or (status or 0) >= 500:
         return BackendUnavailable(f"{what}: Secrets Manager unavailable ({code})")
-    return BackendError(f"{what}: request refused ({code})")
+    if code in _REFUSED:
+        return BackendError(f"{what}: request refused ({code})")
+    return BackendUnavailable(f"{what}: unrecognised error ({code})")
 
 
 def map_error(exc: Exception, what: str) -> BackendFailure:
@@ -166,7 +208,7 @@ def map_error(exc: Exception, what: str) -> BackendFailure:
         return BackendError(f"{what}: no usable AWS credentials in the standard chain")
     if isinstance(exc, NoRegionError):
         return BackendError(f"{what}: no region; set region, AWS_REGION or AWS_DEFAULT_REGION")
-    return BackendError(f"{what}: {type(exc).__name__}")
+    return BackendUnavailable(f"{what}: unrecognised error ({type(exc).__name__})")
 
 
 class _AssumedRole:
@@ -262,9 +304,20 @@ class AwsBackend:
             self._stack.push_async_callback(stack.pop_all().aclose)
         return client
 
+    def forget(self, target: Target) -> None:
+        """Drop a client whose credentials expired: the next call builds a new one, which
+        reads the credential chain again (a rotated web identity token, new instance
+        credentials). The old one stays open until ``close``, for calls still using it."""
+        self._clients.pop(target, None)
+
     async def fetch(self, secret_id: str, version: int | None, settings: AwsSettings) -> Fetched:
         chosen = selector(version, settings)
-        return await self._get(await self.client(self.target(settings)), secret_id, chosen)
+        target = self.target(settings)
+        try:
+            return await self._get(await self.client(target), secret_id, chosen)
+        except CredentialsExpired:
+            self.forget(target)
+            raise
 
     async def _get(self, client: Any, secret_id: str, chosen: Selector) -> Fetched:
         what = f"secret {secret_id!r} ({', '.join(value for _, value in chosen)})"
@@ -317,6 +370,8 @@ class AwsBackend:
         await asyncio.gather(*(single(index, chosen) for index, chosen in singles))
         ordered = [results[index] for index in range(len(items))]
         failures = [r for r in ordered if isinstance(r, BackendFailure) and r.transient]
+        if any(isinstance(r, CredentialsExpired) for r in failures):
+            self.forget(target)
         if failures and len(failures) == len(ordered):
             raise failures[0]
         return ordered

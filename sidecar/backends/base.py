@@ -8,7 +8,7 @@ nothing about caching, keys, references or HTTP. The resolver does the rest.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -19,6 +19,7 @@ from sidecar.errors import BackendFailure
 # What a reference's query may set on any vault: how long to cache and how to decode,
 # never where a request goes or whose credentials it carries.
 QUERY_FIELDS: frozenset[str] = frozenset({"ttl", "neg_ttl", "resurrect_ttl", "base64_decode"})
+MAX_TTL = 1e8  # seconds: Kong's typedefs.ttl bound for ttl, neg_ttl and resurrect_ttl
 
 
 class VaultSettings(BaseModel):
@@ -40,9 +41,9 @@ class VaultSettings(BaseModel):
     # Credentials, auth and file paths: no query sets them, whatever ``query_overrides`` says.
     operator_only: ClassVar[frozenset[str]] = frozenset()
 
-    ttl: float | None = Field(default=None, gt=0)
-    neg_ttl: float | None = Field(default=None, ge=0)
-    resurrect_ttl: float | None = Field(default=None, ge=0)
+    ttl: float | None = Field(default=None, ge=0, le=MAX_TTL)  # 0: Kong's "no rotation"
+    neg_ttl: float | None = Field(default=None, ge=0, le=MAX_TTL)  # 0: no negative caching
+    resurrect_ttl: float | None = Field(default=None, ge=0, le=MAX_TTL)
     base64_decode: bool = False
     # Ours, not Kong's: more fields a reference's query may set on this vault (off by default).
     query_overrides: tuple[str, ...] = ()
@@ -60,6 +61,17 @@ class VaultSettings(BaseModel):
                     " no reference may set it"
                 )
         return self
+
+    @classmethod
+    def check_entity(cls, config: Mapping[str, Any]) -> None:
+        """Kong's rules on a vault entity's own ``config``, checked when the config loads.
+
+        Kong validates an entity's config alone (its ``KONG_VAULT_*`` base config
+        applies only to a backend used directly), so rules that Kong's entity schema
+        states across fields live here rather than in the settings' validators, which
+        also see the env base config. Raise ``ValueError`` naming the field and what
+        is allowed, never a value.
+        """
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,9 +101,12 @@ class Backend(Protocol):
     async def fetch(self, secret_id: str, version: int | None, settings: Any) -> Fetched:
         """Fetch one secret.
 
-        Raise ``SecretNotFound``/``AccessDenied``/``BackendError`` for permanent
-        failures and ``BackendUnavailable``/``BackendTimeout`` for transient ones.
-        Messages must not contain the value or any credential.
+        Raise a ``BackendFailure`` of the right class (``errors.FailureClass``):
+        ``SecretNotFound`` (gone), ``AccessDenied`` (denied), ``BackendError``
+        (misconfigured), ``BackendUnavailable``/``BackendTimeout`` (transient) and
+        ``CredentialsExpired`` after dropping what holds the expired credentials.
+        Anything else is treated as transient. Messages must not contain the value or
+        any credential.
         """
 
     async def close(self) -> None:

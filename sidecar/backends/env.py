@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+from pydantic import Field
+
 from sidecar.backends.base import BackendKind, Fetched, VaultSettings
 from sidecar.errors import Forbidden, SecretNotFound
 
@@ -27,7 +29,8 @@ RESERVED_PREFIXES = (
 
 
 class EnvSettings(VaultSettings):
-    prefix: str | None = None
+    # Kong's env schema: a letter, '_' or '-', then letters, digits, '_' or '-'.
+    prefix: str | None = Field(default=None, pattern=r"^[A-Za-z_-][A-Za-z0-9_-]*$")
 
 
 def variable_name(secret_id: str, version: int | None, prefix: str | None) -> str:

@@ -13,7 +13,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import google.auth
 import google_crc32c
@@ -36,6 +36,8 @@ from sidecar.errors import (
     BackendFailure,
     BackendTimeout,
     BackendUnavailable,
+    CredentialsExpired,
+    InvalidReference,
     SecretNotFound,
 )
 
@@ -49,6 +51,8 @@ _SECRET_ID = re.compile(r"[A-Za-z0-9_-]{1,255}")
 _TRANSIENT = frozenset(
     {"UNAVAILABLE", "RESOURCE_EXHAUSTED", "INTERNAL", "ABORTED", "UNKNOWN", "CANCELLED"}
 )
+# What we asked is malformed (a bad name, an unsupported call): asking again will not help.
+_REFUSED = frozenset({"INVALID_ARGUMENT", "OUT_OF_RANGE", "UNIMPLEMENTED", "ALREADY_EXISTS"})
 
 
 class GcpSettings(VaultSettings):
@@ -63,6 +67,30 @@ class GcpSettings(VaultSettings):
     emulator_host: str | None = None
     credentials_file: str | None = None
     timeout: float = Field(default=5.0, gt=0)  # per attempt; the resolver bounds the total
+
+    @classmethod
+    def check_entity(cls, config: Mapping[str, Any]) -> None:
+        """Kong's gcp schema requires ``project_id`` on a vault entity.
+
+        ``GCP_PROJECT_ID`` and the credentials' project still serve the backend used
+        directly (``{vault://gcp/...}``), as Kong's ``GCP_PROJECT_ID`` does.
+        """
+        if config.get("project_id") is None:
+            raise ValueError(
+                "project_id is required for a gcp vault (Kong's schema requires it; GCP_PROJECT_ID"
+                " and the credentials' project apply only to {vault://gcp/...} used directly)"
+            )
+
+
+def check(secret_id: str, version: int | None, settings: GcpSettings) -> None:
+    """GCP's rules on secret ids and version numbers, before any cache entry or call."""
+    if not _SECRET_ID.fullmatch(secret_id):
+        raise InvalidReference(
+            "not a GCP secret id: letters, digits, '-' and '_' only, 1 to 255 of them"
+            " (a '/' in the path makes all but the last segment the secret id)"
+        )
+    if version is not None and version < 1:
+        raise InvalidReference("GCP secret versions are numbered from 1 (#1, #2, ...)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,10 +130,12 @@ def map_error(exc: Exception, what: str) -> BackendFailure:
     elif isinstance(exc, grpc.RpcError):
         code = exc.code().name
     else:
-        return BackendError(f"{what}: {type(exc).__name__}")
+        return BackendUnavailable(f"{what}: unrecognised error ({type(exc).__name__})")
     if code == "NOT_FOUND":
         return SecretNotFound(f"{what}: not found")
-    if code in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
+    if code == "UNAUTHENTICATED":
+        return CredentialsExpired(f"{what}: our Google credentials were rejected ({code})")
+    if code == "PERMISSION_DENIED":
         return AccessDenied(f"{what}: permission denied ({code})")
     if code == "FAILED_PRECONDITION":
         return SecretNotFound(f"{what}: version is disabled or destroyed")
@@ -113,7 +143,9 @@ def map_error(exc: Exception, what: str) -> BackendFailure:
         return BackendTimeout(f"{what}: no answer within the request timeout")
     if code in _TRANSIENT or isinstance(exc, gexc.ServerError):
         return BackendUnavailable(f"{what}: Secret Manager unavailable ({code})")
-    return BackendError(f"{what}: request refused ({code})")
+    if code in _REFUSED:
+        return BackendError(f"{what}: request refused ({code})")
+    return BackendUnavailable(f"{what}: unrecognised error ({code})")
 
 
 def _load_credentials(credentials_file: str | None) -> tuple[Credentials, str | None]:
@@ -134,6 +166,7 @@ class GcpBackend:
         self._vault = vault
         self._environ = os.environ if environ is None else environ
         self._connections: dict[ConnectionKey, _Connection] = {}
+        self._replaced: list[_Connection] = []  # after expired credentials; closed at close
         self._lock = asyncio.Lock()
 
     async def start(self, settings: GcpSettings) -> None:
@@ -205,8 +238,18 @@ class GcpBackend:
                 name=name, retry=None, timeout=settings.timeout
             )
         except (gexc.GoogleAPICallError, grpc.RpcError, auth_exc.GoogleAuthError) as exc:
-            raise map_error(exc, f"secret {name}") from None
+            failure = map_error(exc, f"secret {name}")
+            if isinstance(failure, CredentialsExpired):
+                self._forget(settings)
+            raise failure from None
         return self._fetched(response, name)
+
+    def _forget(self, settings: GcpSettings) -> None:
+        """The next call opens a new client, loading the credentials again (a rotated key
+        file, new workload identity); the old one is closed at ``close``."""
+        connection = self._connections.pop(self.connection_key(settings), None)
+        if connection is not None:
+            self._replaced.append(connection)
 
     @staticmethod
     def _fetched(response: AccessSecretVersionResponse, name: str) -> Fetched:
@@ -218,7 +261,8 @@ class GcpBackend:
         return Fetched(payload_text(payload.data), label if label != "latest" else None)
 
     async def close(self) -> None:
-        connections, self._connections = list(self._connections.values()), {}
+        connections = [*self._connections.values(), *self._replaced]
+        self._connections, self._replaced = {}, []
         for connection in connections:
             try:
                 await connection.client.transport.close()  # type: ignore[no-untyped-call]
@@ -226,4 +270,4 @@ class GcpBackend:
                 continue
 
 
-KIND = BackendKind(name="gcp", settings=GcpSettings, create=GcpBackend)
+KIND = BackendKind(name="gcp", settings=GcpSettings, create=GcpBackend, check=check)

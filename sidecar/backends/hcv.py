@@ -10,10 +10,12 @@ lifecycle (login, renewal, re-login) lives in ``hcv_auth``.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
+import re
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -22,7 +24,13 @@ from pydantic import Field, SecretStr, ValidationInfo, field_validator
 
 from sidecar.backends.base import BackendKind, Fetched, VaultSettings
 from sidecar.backends.hcv_auth import SDK_ERRORS, Session, map_error
-from sidecar.errors import AccessDenied, BackendError, SecretNotFound
+from sidecar.errors import (
+    AccessDenied,
+    BackendError,
+    CredentialsExpired,
+    InvalidReference,
+    SecretNotFound,
+)
 from sidecar.logging import get_logger
 
 log = get_logger("sidecar.backends.hcv")
@@ -48,29 +56,35 @@ class HcvSettings(VaultSettings):
         "client_key",
     })  # fmt: skip
 
+    # Kong refuses empty strings in every string field: so do we (Field(min_length=1)).
     protocol: Literal["http", "https"] = "http"
-    host: str = Field(default="127.0.0.1", min_length=1)
+    host: str = "127.0.0.1"
     port: int = Field(default=8200, ge=1, le=65535)
-    namespace: str | None = None
+    namespace: str | None = Field(default=None, min_length=1)
     mount: str = Field(default="secret", min_length=1)
     kv: Literal["v1", "v2"] = "v1"
-    token: SecretStr | None = None
-    token_file: str | None = None
-    kube_role: str | None = None
-    kube_auth_path: str = "kubernetes"
-    kube_api_token_file: str = KUBE_TOKEN_FILE
-    approle_auth_path: str = "approle"
-    approle_role_id: SecretStr | None = None
-    approle_secret_id: SecretStr | None = None
-    approle_secret_id_file: str | None = None
+    token: SecretStr | None = Field(default=None, min_length=1)
+    token_file: str | None = Field(default=None, min_length=1)
+    kube_role: str | None = Field(default=None, min_length=1)
+    kube_auth_path: str = Field(default="kubernetes", min_length=1)
+    kube_api_token_file: str = Field(default=KUBE_TOKEN_FILE, min_length=1)
+    approle_auth_path: str = Field(default="approle", min_length=1)
+    approle_role_id: SecretStr | None = Field(default=None, min_length=1)
+    approle_secret_id: SecretStr | None = Field(default=None, min_length=1)
+    approle_secret_id_file: str | None = Field(default=None, min_length=1)
     approle_response_wrapping: bool = False
-    ca_cert: str | None = None
-    client_cert: str | None = None
-    client_key: str | None = None
+    ca_cert: str | None = Field(default=None, min_length=1)
+    client_cert: str | None = Field(default=None, min_length=1)
+    client_key: str | None = Field(default=None, min_length=1)
     timeout: float = Field(default=5.0, gt=0)  # per request (connect, read); resolver bounds all
     auth_method: Literal["token", "approle", "kubernetes"] = Field(
         default="token", validate_default=True
     )
+
+    @field_validator("host")
+    @classmethod
+    def _kong_host(cls, host: str) -> str:
+        return kong_host(host)
 
     @field_validator("auth_method")
     @classmethod
@@ -78,7 +92,7 @@ class HcvSettings(VaultSettings):
         """Kong's rules: what each auth method needs before anything is sent."""
         data = info.data
         if method == "token" and not (data.get("token") or data.get("token_file")):
-            raise ValueError("token auth needs token or token_file")
+            raise ValueError("token auth needs token or token_file (or KONG_VAULT_HCV_TOKEN)")
         if method == "approle" and not data.get("approle_role_id"):
             raise ValueError("approle auth needs approle_role_id")
         if method == "approle" and not (
@@ -90,6 +104,53 @@ class HcvSettings(VaultSettings):
         if bool(data.get("client_cert")) != bool(data.get("client_key")):
             raise ValueError("client_cert and client_key go together")
         return method
+
+    @classmethod
+    def check_entity(cls, config: Mapping[str, Any]) -> None:
+        """Kong's entity check: a kubernetes vault carries no token of its own."""
+        if config.get("auth_method") == "kubernetes" and config.get("token") is not None:
+            raise ValueError(
+                "token must not be set when auth_method is kubernetes (Kong refuses it;"
+                " the token comes from the Kubernetes login)"
+            )
+
+
+def kong_host(host: str) -> str:
+    """Kong's ``typedefs.host``: a host name, an IPv4 or an IPv6 address, with no port.
+
+    A bare IPv6 address comes back in brackets, as a URL needs it.
+    """
+    allowed = "must be a host name or an IP address, without scheme, port or path"
+    if host.count(":") > 1:  # IPv6, bracketed or not
+        bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        try:
+            ipaddress.IPv6Address(bare)
+        except ValueError:
+            raise ValueError(allowed) from None
+        return f"[{bare}]"
+    if ":" in host:
+        raise ValueError(allowed)
+    if re.fullmatch(r"[\d.]+", host):  # IPv4 (leading zeros allowed, as in Kong)
+        parts = host.split(".")
+        if len(parts) != 4 or not all(re.fullmatch(r"\d{1,3}", p) and int(p) <= 255 for p in parts):
+            raise ValueError(allowed)
+        return host
+    segments = host.split(".")
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", host) or any(
+        segment.endswith("-") or (not segment and index != len(segments) - 1)
+        for index, segment in enumerate(segments)
+    ):
+        raise ValueError(allowed)
+    return host
+
+
+def check(secret_id: str, version: int | None, settings: HcvSettings) -> None:
+    """KV v1 keeps one version per path: ``#n`` there is refused, not silently ignored."""
+    if version is not None and settings.kv == "v1":
+        raise InvalidReference(
+            f"mount {settings.mount!r} is KV v1, which has no versions: #{version} cannot"
+            " be read (remove it, or set kv: v2 for a KV v2 mount)"
+        )
 
 
 def _read(client: Any, settings: HcvSettings, secret_id: str, version: int | None) -> Any:
@@ -197,13 +258,24 @@ class HcvBackend:
             try:
                 response = await self._run(read)
             except hvac_exc.Forbidden:
-                if not await session.recover(generation):
+                if not await self._recover(session, generation, what):
                     raise AccessDenied(f"{what}: permission denied by Vault policy") from None
                 log.info("hcv.read.retry_after_login", vault=self._vault, secret_id=secret_id)
                 response = await self._run(read)
         except SDK_ERRORS as exc:
             raise map_error(exc, what) from None
         return fetched_from(response, settings, what)
+
+    @staticmethod
+    async def _recover(session: Session, generation: int, what: str) -> bool:
+        """A 403 with a dead token is our credentials expiring, not a denial: transient,
+        so the last good values stay served while login is retried with backoff."""
+        try:
+            return await session.recover(generation)
+        except AccessDenied as exc:
+            raise CredentialsExpired(
+                f"{what}: our Vault token is no longer valid and a new login failed ({exc.message})"
+            ) from None
 
     async def close(self) -> None:
         sessions, self._sessions = list(self._sessions.values()), {}
@@ -218,4 +290,4 @@ class HcvBackend:
             self._executor = None
 
 
-KIND = BackendKind(name="hcv", settings=HcvSettings, create=HcvBackend)
+KIND = BackendKind(name="hcv", settings=HcvSettings, create=HcvBackend, check=check)

@@ -71,7 +71,7 @@ def map_error(exc: Exception, what: str, *, login: bool = False) -> BackendFailu
     ):
         return BackendUnavailable(f"{what}: Vault server error ({type(exc).__name__})")
     if isinstance(exc, hvac_exc.VaultError):
-        return BackendError(f"{what}: unexpected answer ({type(exc).__name__})")
+        return BackendUnavailable(f"{what}: unrecognised answer ({type(exc).__name__})")
     if isinstance(exc, ResponseTooLarge):
         return BackendError(f"{what}: answer larger than {MAX_RESPONSE} bytes")
     if isinstance(exc, requests.exceptions.Timeout):
@@ -80,9 +80,11 @@ def map_error(exc: Exception, what: str, *, login: bool = False) -> BackendFailu
         return BackendError(f"{what}: TLS handshake failed (check ca_cert/client_cert)")
     if isinstance(exc, requests.exceptions.ConnectionError):
         return BackendUnavailable(f"{what}: cannot connect to Vault")
+    if isinstance(exc, requests.exceptions.RequestException):  # an OSError too: test it first
+        return BackendUnavailable(f"{what}: broken answer ({type(exc).__name__})")
     if isinstance(exc, OSError):
         return BackendError(f"{what}: cannot read {exc.filename or 'a file'} ({exc.strerror})")
-    return BackendError(f"{what}: {type(exc).__name__}")
+    return BackendUnavailable(f"{what}: unrecognised error ({type(exc).__name__})")
 
 
 SDK_ERRORS = (hvac_exc.VaultError, requests.exceptions.RequestException, OSError, KeyError)

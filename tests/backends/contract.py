@@ -19,8 +19,9 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import grpc
 import pytest
@@ -35,7 +36,7 @@ from tests.backends.aws_peer import (
     moto_reset,
 )
 from tests.backends.gcp_server import FakeSecretManager
-from tests.backends.vault_server import FakeVault
+from tests.backends.vault_server import FakeVault, Token
 from tests.canary import assert_exception_clean
 
 E = TypeVar("E", bound=BaseException)
@@ -82,7 +83,15 @@ class Peer(Protocol):
     async def pause(self) -> None:
         """Every request fails transiently until ``resume``."""
 
+    async def refuse(self, how: str) -> None:
+        """Every read fails as one of ``REFUSALS`` until ``resume``: our identity denied,
+        a request the backend calls malformed, our own credentials expired."""
+
     async def resume(self) -> None: ...
+
+
+# How a peer can refuse reads (``Peer.refuse``); env can do none of them.
+REFUSALS = ("denied", "misconfigured", "expired")
 
 
 class EnvPeer:
@@ -115,6 +124,9 @@ class EnvPeer:
     async def pause(self) -> None:
         raise NotImplementedError("the env backend cannot fail transiently")
 
+    async def refuse(self, how: str) -> None:
+        raise NotImplementedError("the environment refuses nobody")
+
     async def resume(self) -> None:
         raise NotImplementedError("the env backend cannot fail transiently")
 
@@ -145,8 +157,17 @@ class AwsPeer:
     async def delete(self, secret_id: str) -> None:
         await self._sm.delete_secret(SecretId=secret_id, ForceDeleteWithoutRecovery=True)
 
+    REFUSED: ClassVar[dict[str, str]] = {
+        "denied": "AccessDeniedException",
+        "misconfigured": "ValidationException",
+        "expired": "ExpiredTokenException",
+    }
+
     async def pause(self) -> None:
         self.proxy.fail("ThrottlingException")  # every call, until healed
+
+    async def refuse(self, how: str) -> None:
+        self.proxy.fail(self.REFUSED[how])
 
     async def resume(self) -> None:
         self.proxy.heal()
@@ -165,6 +186,7 @@ class HcvPeer:
     def __init__(self, server: FakeVault, token: str) -> None:
         self.server = server
         self._token = token
+        self._saved: Token | None = None
 
     def entity(self, prefix: str) -> VaultEntity:
         config = {"port": self.server.port, "token": self._token, "mount": self.MOUNT,
@@ -192,8 +214,23 @@ class HcvPeer:
     async def pause(self) -> None:
         self.server.sealed = True
 
+    async def refuse(self, how: str) -> None:
+        """denied: the token's policy no longer covers the path (the token still works);
+        misconfigured: 400 to every request; expired: the token is revoked."""
+        token = self.server.tokens[self._token]
+        self._saved = replace(token)
+        if how == "denied":
+            token.policies = ()
+        elif how == "misconfigured":
+            self.server.failing = 400
+        else:
+            self.server.revoke(self._token)
+
     async def resume(self) -> None:
         self.server.sealed = False
+        self.server.failing = None
+        if self._saved is not None:
+            self.server.tokens[self._token] = self._saved
 
 
 class GcpPeer:
@@ -223,8 +260,16 @@ class GcpPeer:
     async def delete(self, secret_id: str) -> None:
         del self.fake.secrets[self.fake.parent(self.PROJECT, secret_id)]
 
+    REFUSED: ClassVar[dict[str, grpc.StatusCode]] = {
+               "denied": grpc.StatusCode.PERMISSION_DENIED,
+               "misconfigured": grpc.StatusCode.INVALID_ARGUMENT,
+               "expired": grpc.StatusCode.UNAUTHENTICATED}  # fmt: skip
+
     async def pause(self) -> None:
         self.fake.fail_always(grpc.StatusCode.UNAVAILABLE)
+
+    async def refuse(self, how: str) -> None:
+        self.fake.fail_always(self.REFUSED[how])
 
     async def resume(self) -> None:
         self.fake.fail_always(None)

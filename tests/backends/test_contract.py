@@ -8,6 +8,7 @@ holds the canary (``tests.canary.value``), and every expected error is checked f
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import AsyncIterator, Iterator
@@ -16,11 +17,20 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.errors import BackendTimeout, BackendUnavailable, SecretNotFound, SidecarError
+from sidecar.cache import EARLY_RETRY
+from sidecar.errors import (
+    AccessDenied,
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    CredentialsExpired,
+    SecretNotFound,
+    SidecarError,
+)
 from sidecar.refresh import Refresher
 from sidecar.resolver import Answer, Resolver
 from tests.backends.aws_peer import moto_server
-from tests.backends.contract import BACKENDS, Peer, raises_clean, start_peer
+from tests.backends.contract import BACKENDS, REFUSALS, Peer, raises_clean, start_peer
 from tests.canary import value
 from tests.support import ManualClock, make_resolver
 
@@ -79,6 +89,12 @@ class Contract:
 
     def next_due(self) -> float:
         return self.resolver.cache.next_due()
+
+    async def settled(self, secret_id: str) -> None:
+        """Wait for the background load of this secret, if one is running."""
+        task = self.resolver.cache.loading(self.resolver.target(self.ref(secret_id)).key)
+        if task is not None:
+            await asyncio.wait([task])
 
 
 @pytest.fixture
@@ -202,15 +218,58 @@ async def test_outage_serves_stale_until_resurrect_ttl_then_recovers(contract: C
     with raises_clean((BackendUnavailable, BackendTimeout)) as caught:
         await contract.resolve("db-password")
     failed = contract.calls(caught.value.code)
-    assert failed == 1 + retries
+    assert failed >= 1 + retries  # a reader with nothing to serve may have retried early
     await peer.resume()
-    with raises_clean((BackendUnavailable, BackendTimeout)):  # held until the backoff ends
+    with raises_clean((BackendUnavailable, BackendTimeout)):  # a retry within the second
         await contract.resolve("db-password")
     assert contract.calls(caught.value.code) == failed
-    contract.advance_to(contract.next_due())
-    assert await contract.run_due() == {"ok": 1}
+    assert contract.next_due() > contract.clock.now + EARLY_RETRY  # the backoff is longer
+    contract.clock.advance(EARLY_RETRY)  # recovery: one reader a second retries early
+    recovered = await contract.resolve("db-password")
+    assert (recovered.value, recovered.lookup.stale) == (value("good"), False)
     fresh = await contract.resolve("db-password")
     assert (fresh.value, fresh.lookup.cached, fresh.lookup.stale) == (value("good"), True, False)
+    assert contract.calls() == 2
+
+
+FAILURES = {  # Peer.refuse(how): the error a reader gets once nothing is servable
+    "denied": AccessDenied,
+    "misconfigured": BackendError,
+    "expired": CredentialsExpired,  # ours: transient, re-authenticated on the next try
+}
+
+
+@pytest.mark.parametrize("how", REFUSALS)
+@pytest.mark.parametrize("peer", [b for b in BACKENDS if b != "env"], indirect=True)
+async def test_refusals_serve_the_last_value_stale_within_resurrect_ttl(
+    contract: Contract, how: str
+) -> None:
+    """Denied, misconfigured and expired-credential failures never drop a good value: it is
+    served stale (in the answer and /v1/status) within resurrect_ttl. Past it, a transient
+    failure is retried early by a reader, the others are remembered for neg_ttl."""
+    peer, start, error = contract.peer, contract.clock.now, FAILURES[how]
+    await peer.create("db-password", value("good"))
+    await contract.resolve("db-password")
+    await peer.refuse(how)
+    contract.clock.advance(TTL + 1)
+    stale = await contract.resolve("db-password")
+    assert (stale.value, stale.lookup.stale, stale.lookup.age) == (value("good"), True, TTL + 1)
+    await contract.settled("db-password")  # the retry a stale read starts in the background
+    status = contract.resolver.status()["vaults"][PREFIX]
+    assert (status["stale"], status["last_error"]["code"]) == (1, error.code)
+    assert contract.calls(error.code) == 1
+    contract.advance_to(start + TTL + RESURRECT_TTL)
+    with raises_clean(error):
+        await contract.resolve("db-password")
+    failed = contract.calls(error.code)
+    contract.clock.advance(EARLY_RETRY)
+    with raises_clean(error):
+        await contract.resolve("db-password")
+    assert contract.calls(error.code) == failed + (1 if error(".").transient else 0)
+    await peer.resume()
+    contract.clock.advance(EARLY_RETRY if error(".").transient else NEG_TTL)
+    fresh = await contract.resolve("db-password")
+    assert (fresh.value, fresh.lookup.stale) == (value("good"), False)
     assert contract.calls() == 2
 
 

@@ -27,6 +27,8 @@ from sidecar.errors import (
     BackendTimeout,
     BackendUnavailable,
     ConfigError,
+    CredentialsExpired,
+    InvalidReference,
     SecretNotFound,
 )
 from sidecar.resolver import Resolver
@@ -158,7 +160,8 @@ async def test_missing_secret_or_version_is_not_found(
 
 
 async def test_permission_denied_is_forbidden(fake: FakeSecretManager, build: Build) -> None:
-    """PERMISSION_DENIED (IAM) and UNAUTHENTICATED are forbidden, not retried."""
+    """PERMISSION_DENIED (IAM) is forbidden, not retried. UNAUTHENTICATED is our own
+    credentials failing: a new connection (credentials loaded again) and one retry."""
     fake.add("p1", "db", "v")
     fake.denied.add(fake.parent("p1", "db"))
     resolver = build()
@@ -167,9 +170,12 @@ async def test_permission_denied_is_forbidden(fake: FakeSecretManager, build: Bu
     assert caught.value.code == "forbidden"
     fake.denied.clear()
     fake.fail(grpc.StatusCode.UNAUTHENTICATED)
-    with pytest.raises(AccessDenied, match="UNAUTHENTICATED"):
-        await resolver.resolve("{vault://sm/db#1}")
-    assert len(fake.calls) == 2
+    assert (await resolver.resolve("{vault://sm/db#1}")).value == "v"
+    assert len(fake.calls) == 3
+    fake.fail_always(grpc.StatusCode.UNAUTHENTICATED)
+    with pytest.raises(CredentialsExpired, match="UNAUTHENTICATED") as expired:
+        await resolver.resolve("{vault://sm/db#2}")
+    assert expired.value.transient
 
 
 @pytest.mark.parametrize(
@@ -256,24 +262,27 @@ async def test_request_timeout_is_sent_and_enforced(fake: FakeSecretManager, bui
 async def test_project_from_entity_query_and_env(
     fake: FakeSecretManager, build: Build, clean_env: pytest.MonkeyPatch
 ) -> None:
-    """project_id: the query (where the entity opens it) beats the entity, which beats
-    GCP_PROJECT_ID."""
+    """project_id: the query (where the entity opens it) beats the entity; GCP_PROJECT_ID
+    serves the backend used directly (a vault entity must name its project, as in Kong)."""
     for project in ("p1", "p2", "p3"):
         fake.add(project, "db", project)
     clean_env.setenv("GCP_PROJECT_ID", "p3")
+    clean_env.setenv("SECRET_MANAGER_EMULATOR_HOST", fake.target)
     resolver = build({"query_overrides": ["project_id"]})
     assert (await resolver.resolve("{vault://sm/db}")).value == "p1"
     assert (await resolver.resolve("{vault://sm/db?project_id=p2}")).value == "p2"
-    no_project = build({"project_id": None})
-    assert (await no_project.resolve("{vault://sm/db}")).value == "p3"
+    assert (await resolver.resolve("{vault://gcp/db}")).value == "p3"
+    with pytest.raises(ValueError, match="project_id is required for a gcp vault"):
+        build({"project_id": None})
 
 
 async def test_missing_project_is_clear_backend_error(
-    fake: FakeSecretManager, build: Build
+    fake: FakeSecretManager, build: Build, clean_env: pytest.MonkeyPatch
 ) -> None:
     """Without project_id, GCP_PROJECT_ID or a credentials project: backend_error, no call."""
+    clean_env.setenv("SECRET_MANAGER_EMULATOR_HOST", fake.target)
     with pytest.raises(BackendError, match="no GCP project"):
-        await build({"project_id": None}).resolve("{vault://sm/db}")
+        await build().resolve("{vault://gcp/db}")
     assert fake.calls == []
 
 
@@ -295,20 +304,43 @@ async def test_location_reads_regional_secret(fake: FakeSecretManager, build: Bu
     assert fake.names == ["projects/p1/locations/europe-west1/secrets/db/versions/latest"]
 
 
-async def test_invalid_secret_id_rejected_before_calling(
-    fake: FakeSecretManager, build: Build
+@pytest.mark.parametrize(
+    ("ref", "message"),
+    [
+        ("{vault://sm/a/b/key}", "not a GCP secret id"),  # the secret id is a/b
+        ("{vault://sm/a/b/}", "not a GCP secret id"),
+        ("{vault://sm/db.prod}", "not a GCP secret id"),
+        ("{vault://sm/" + "x" * 256 + "}", "1 to 255"),
+        ("{vault://sm/db#0}", "numbered from 1"),
+    ],
+)
+async def test_invalid_secret_id_or_version_is_invalid_reference_at_bind(
+    fake: FakeSecretManager, build: Build, ref: str, message: str
 ) -> None:
-    """A secret id GCP cannot have (here a/b) is a backend_error without a call."""
-    with pytest.raises(BackendError, match="not a GCP secret id"):
-        await build().resolve("{vault://sm/a/b/key}")
+    """What GCP cannot name ([A-Za-z0-9_-]{1,255}, versions from 1) is a 400 when the
+    reference is bound: no call, no cache entry, so nothing is negative-cached as a 502."""
+    fake.add("p1", "db", "v")
+    resolver = build()
+    with pytest.raises(InvalidReference, match=message) as caught:
+        resolver.target(ref)
+    assert (caught.value.code, caught.value.status) == ("invalid_reference", 400)
+    with pytest.raises(InvalidReference):
+        await resolver.resolve(ref)
     assert fake.calls == []
+    assert len(resolver.cache) == 0
+    assert (await resolver.resolve("{vault://sm/db}")).value == "v"  # a valid id still reads
 
 
 def test_config_rejects_unknown_keys_and_redacts_credentials_file() -> None:
     """A typo is a config error; a credentials_file value is never echoed."""
     with pytest.raises(ConfigError, match="projectid"):
-        make_resolver((VaultEntity(prefix="sm", name="gcp", config={"projectid": "x"}),))
-    pasted = {"credentials_file": {"private_key": credential("-----BEGIN PRIVATE KEY-----")}}
+        make_resolver(
+            (VaultEntity(prefix="sm", name="gcp", config={"project_id": "p", "projectid": "x"}),)
+        )
+    pasted = {
+        "project_id": "p",
+        "credentials_file": {"private_key": credential("-----BEGIN PRIVATE KEY-----")},
+    }
     with raises_clean(ConfigError) as caught:
         make_resolver((VaultEntity(prefix="sm", name="gcp", config=pasted),))
     assert "PRIVATE KEY" not in caught.value.message

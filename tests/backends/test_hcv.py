@@ -33,6 +33,7 @@ from sidecar.errors import (
     BackendTimeout,
     BackendUnavailable,
     ConfigError,
+    InvalidReference,
     SecretNotFound,
     SidecarError,
     UnknownVault,
@@ -52,6 +53,7 @@ RENEW = "auth/token/renew-self"
 PASSWORD = value("p")
 SECRET_ID = credential("sid-1")  # an AppRole secret id
 JWT_1, JWT_2 = credential("jwt-1"), credential("jwt-2")  # Kubernetes service-account tokens
+WARM = "?ttl=300"  # the same read under another cache entry, so the next plain one still asks
 
 
 async def eventually(check: Callable[[], bool], within: float = 5.0) -> None:
@@ -146,6 +148,22 @@ async def test_kv_v2_latest_and_numbered_versions(vault: FakeVault, build: Build
     assert (first.value, first.version) == ("one", "1")
     reads = vault.calls("kv/data/db")
     assert [seen.query for seen in reads] == ["", "version=1"]
+
+
+async def test_kv_v1_version_is_invalid_reference_at_bind(vault: FakeVault, build: Build) -> None:
+    """KV v1 has one version per path: #n is a 400 when bound (Kong would silently read
+    the only version), with no request to Vault and no cache entry."""
+    vault.put("secret", "db", {"password": PASSWORD})
+    resolver = build()
+    for ref in ("{vault://hv/db/password#1}", "{vault://hv/db#2}", "{vault://hv/db/?ttl=60#3}"):
+        with raises_clean(InvalidReference, match="KV v1, which has no versions") as caught:
+            resolver.target(ref)
+        assert (caught.value.code, caught.value.status) == ("invalid_reference", 400)
+        with pytest.raises(InvalidReference, match=r"remove it, or set kv: v2"):
+            await resolver.resolve(ref)
+    assert vault.seen == []
+    assert len(resolver.cache) == 0
+    assert (await resolver.resolve("{vault://hv/db/password}")).value == PASSWORD
 
 
 @pytest.mark.parametrize("destroy", [False, True])
@@ -251,7 +269,7 @@ async def test_wrapped_secret_id_unwrapped_once_and_reused_for_relogin(
     resolver = build(config)
     assert (await resolver.resolve("{vault://hv/db/password}")).value == PASSWORD
     timeline.advance(61)  # the token expires on the server: the next read re-logs in
-    assert (await resolver.resolve("{vault://hv/db/password#1}")).value == PASSWORD
+    assert (await resolver.resolve("{vault://hv/db/password}", force=True)).value == PASSWORD
     assert paths(vault) == ["sys/wrapping/unwrap", LOGIN, "secret/db", "secret/db", LOOKUP,
                             LOGIN, "secret/db"]  # fmt: skip
     assert [seen.body for seen in vault.calls(LOGIN)] == [
@@ -268,13 +286,13 @@ async def test_kubernetes_login_reads_the_jwt_file_at_each_login(
     jwt = tmp_path / "token"
     jwt.write_text(JWT_1)
     config = {"auth_method": "kubernetes", "kube_role": "sidecar", "kube_auth_path": "k8s",
-              "kube_api_token_file": str(jwt)}  # fmt: skip
+              "kube_api_token_file": str(jwt), "token": None}  # fmt: skip
     resolver = build(config)
     assert (await resolver.resolve("{vault://hv/db/password}")).value == PASSWORD
     jwt.write_text(JWT_2)
     vault.kube_roles[("", "k8s", "sidecar")].jwts = {JWT_2}
     timeline.advance(61)
-    assert (await resolver.resolve("{vault://hv/db/password#3}")).value == PASSWORD
+    assert (await resolver.resolve("{vault://hv/db/password}", force=True)).value == PASSWORD
     bodies = [seen.body for seen in vault.calls("auth/k8s/login")]
     assert bodies == [{"role": "sidecar", "jwt": JWT_1}, {"role": "sidecar", "jwt": JWT_2}]
 
@@ -291,7 +309,7 @@ async def test_expired_token_relogs_in_once_per_403_and_logs_no_credentials(
     with capture_logs() as logs:
         await resolver.resolve("{vault://hv/db/password}")
         timeline.advance(61)
-        assert (await resolver.resolve("{vault://hv/db/password#1}")).value == PASSWORD
+        assert (await resolver.resolve("{vault://hv/db/password}", force=True)).value == PASSWORD
     assert paths(vault) == [LOGIN, "secret/db", "secret/db", LOOKUP, LOGIN, "secret/db"]
     reads = vault.calls("secret/db")
     assert reads[1].token == reads[0].token != reads[2].token
@@ -342,7 +360,7 @@ async def test_transient_status_recovered_by_resolver_retry(
     """429 and 5xx once: the resolver retries and serves the value; hvac did not retry."""
     vault.put("secret", "db", {"password": PASSWORD})
     resolver = build()
-    await resolver.resolve("{vault://hv/db/password#1}")  # client made, token looked up
+    await resolver.resolve(f"{{vault://hv/db/password{WARM}}}")  # client made, token looked up
     vault.fail(status)
     assert (await resolver.resolve("{vault://hv/db/password}")).value == PASSWORD
     assert len(vault.calls("secret/db")) == 3
@@ -352,7 +370,7 @@ async def test_bad_request_is_permanent_backend_error(vault: FakeVault, build: B
     """A 400 on a read is backend_error, not retried."""
     resolver = build()
     vault.put("secret", "db", {"password": PASSWORD})
-    await resolver.resolve("{vault://hv/db/password#1}")
+    await resolver.resolve(f"{{vault://hv/db/password{WARM}}}")
     vault.fail(400)
     with pytest.raises(BackendError, match=r"request refused \(400\)"):
         await resolver.resolve("{vault://hv/db/password}")
@@ -389,7 +407,7 @@ async def test_token_file_rotation_is_picked_up(
     new = vault.create_token()
     token_file.write_text(new + "\n")
     vault.revoke(root)
-    assert (await resolver.resolve("{vault://hv/db/password#1}")).value == PASSWORD
+    assert (await resolver.resolve("{vault://hv/db/password}", force=True)).value == PASSWORD
     assert paths(vault) == [LOOKUP, "secret/db", LOOKUP, "secret/db"]
     assert vault.calls("secret/db")[-1].token == vault.name_of(new)
 

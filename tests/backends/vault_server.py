@@ -171,6 +171,7 @@ class FakeVault:
         self.sealed = False
         self.hang = False
         self._failures: list[int] = []
+        self.failing: int | None = None  # answer every request with this status
         self._names = iter(range(1, 1_000_000))
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
@@ -284,6 +285,11 @@ class FakeVault:
         self.port = sock.getsockname()[1]
         await web.SockSite(self._runner, sock, ssl_context=self.tls).start()
 
+    def release(self) -> None:
+        """Answer the requests ``hang`` holds (and let later ones through)."""
+        self.hang = False
+        self._loop.call_soon_threadsafe(self._release.set)
+
     def stop(self) -> None:
         async def _stop() -> None:
             self._release.set()
@@ -320,8 +326,8 @@ class FakeVault:
         )
         if self.hang:
             await self._release.wait()
-        if self._failures:
-            status = self._failures.pop(0)
+        status = self._failures.pop(0) if self._failures else self.failing
+        if status is not None:
             return _errors(status, f"injected failure {status}")
         if self.sealed:
             return _errors(503, "Vault is sealed")

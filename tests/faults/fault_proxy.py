@@ -53,6 +53,7 @@ class Fault(enum.Enum):
     WRONG_TYPES = "wrong_types"
     HUGE = "huge"
     THROTTLE = "throttle"
+    TRUNCATED = "truncated"  # the body ends early: no SDK maps the error it raises
 
 
 class _Request:
@@ -193,6 +194,12 @@ class FaultProxy:
             return False
         elif fault is Fault.HUGE:
             await self._huge(writer)
+        elif fault is Fault.TRUNCATED:
+            kind = "application/json" if self.flavour == "vault" else "application/x-amz-json-1.1"
+            writer.write(_head(200, [("Content-Type", kind)], 4096) + b'{"data": {"value"')
+            await writer.drain()
+            writer.close()  # a FIN, 4 KiB short: requests' ChunkedEncodingError, aiohttp's
+            return False  # ClientPayloadError
         else:
             status, kind, document = self._canned(fault)
             await _respond(writer, status, [("Content-Type", kind)], document)

@@ -38,6 +38,7 @@ EXPECTED: dict[Fault, tuple[int, str]] = {
     Fault.INVALID_JSON: (502, "backend_error"),
     Fault.WRONG_TYPES: (502, "backend_error"),
     Fault.HUGE: (502, "backend_error"),
+    Fault.TRUNCATED: (503, "backend_unavailable"),  # unrecognised errors are transient
 }
 _names = itertools.count()
 

@@ -6,10 +6,13 @@ import asyncio
 import signal
 import socket
 import stat
+from pathlib import Path
 from typing import Any
 
+from tests.backends.vault_server import FakeVault
+from tests.canary import value
 from tests.integration.conftest import SECRETS, MakeDaemon
-from tests.integration.harness import Daemon, wait_until
+from tests.integration.harness import Daemon, free_port, wait_until
 
 
 async def _ready(daemon: Daemon) -> tuple[int, Any]:
@@ -151,3 +154,84 @@ async def test_path_that_is_not_a_socket_is_not_replaced(make_daemon: MakeDaemon
     assert await asyncio.to_thread(process.wait, 20) == 1
     assert "exists and is not a socket" in daemon.logs()
     assert daemon.socket.read_text() == "precious"
+
+
+async def test_sighup_moves_the_metrics_listener_and_applies_watch_limits(
+    make_daemon: MakeDaemon,
+) -> None:
+    """Metrics address and watch settings follow a reload (only listen needs a restart)."""
+    daemon = await make_daemon({"watch": {"max_watchers": 4}}).started()
+    old_port = daemon.metrics_port
+    assert "secret_sidecar_ready" in await daemon.metrics()
+    daemon.metrics_port = free_port()
+    config = {"listen": {"socket": str(daemon.socket)},
+              "metrics": {"address": f"127.0.0.1:{daemon.metrics_port}"},
+              "watch": {"max_watchers": 1}}  # fmt: skip
+    daemon.write_config(config)
+    daemon.signal(signal.SIGHUP)
+    await wait_until(lambda: _logged(daemon, "metrics.moved"), what="the metrics listener move")
+    assert "secret_sidecar_ready" in await daemon.metrics()
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", old_port)) != 0  # the old port is closed
+    async with daemon.watch("{vault://env/db-password}"):
+        status, body = await daemon.request(
+            "GET", "/v1/watch", params={"ref": "{vault://env/db-password}"}
+        )
+    assert (status, body["error"]["code"]) == (429, "too_many_requests")
+    assert not any(e.get("event") == "config.restart_needed" for e in daemon.log_events())
+
+
+async def test_reads_stay_right_while_the_config_is_reloaded_over_and_over(
+    make_daemon: MakeDaemon, tmp_path: Path
+) -> None:
+    """Eight readers for 4 s against an hcv vault (replaced by every reload: its limits
+    change) and an env vault, while the config is reloaded every 0.15 s with ttl, limits
+    and refresh changing: every answer is 200 with the right value, never an error of a
+    closing client, never a 500."""
+    server = FakeVault()
+    server.enable_kv("kv", "v2")
+    server.put("kv", "db", {"password": value("hcv-db")})
+    server.start()
+    token = server.create_token()
+    try:
+        configs = [_reloading_config(server.port, token, i) for i in range(4)]
+        daemon = await make_daemon(
+            configs[0], env={"VAULT_TOKEN": "", "HOME": str(tmp_path)}
+        ).started()
+        expected = {"{vault://kv/db/password}": value("hcv-db"),
+                    "{vault://env/db-password}": SECRETS["DB_PASSWORD"]}  # fmt: skip
+        answers: list[tuple[str, int, Any]] = []
+        stop = asyncio.Event()
+
+        async def reader() -> None:
+            async with daemon.session() as session:
+                while not stop.is_set():
+                    for ref in expected:
+                        params = {"ref": ref}
+                        async with session.get("http://s/v1/secrets", params=params) as r:
+                            answers.append((ref, r.status, await r.json()))
+
+        readers = [asyncio.ensure_future(reader()) for _ in range(8)]
+        for i in range(1, 27):
+            daemon.write_config({**configs[i % 4], **_keep(daemon)})
+            daemon.signal(signal.SIGHUP)
+            await asyncio.sleep(0.15)
+        stop.set()
+        await asyncio.gather(*readers)
+    finally:
+        server.stop()
+    reloaded = sum(1 for e in daemon.log_events() if e.get("event") == "config.reloaded")
+    assert reloaded >= 10
+    wrong = [(ref, status, body.get("error")) for ref, status, body in answers
+             if status != 200 or body.get("value") != expected[ref]]  # fmt: skip
+    assert len(answers) > 200
+    assert wrong == [], wrong[:5]
+
+
+def _reloading_config(port: int, token: str, i: int) -> dict[str, Any]:
+    """Four configs a reload cycles through: hcv's limits (so its vault is replaced),
+    ttl and refresh on/off differ."""
+    hcv = {"prefix": "kv", "name": "hcv", "limits": {"concurrency": 1 + i % 2},
+           "config": {"port": port, "token": token, "mount": "kv", "kv": "v2"}}  # fmt: skip
+    return {"vaults": [hcv], "cache": {"ttl": 0.2 + 0.1 * i},
+            "refresh": {"enabled": i % 4 != 3}}  # fmt: skip

@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Awaitable
 
 import pytest
 
 from sidecar.backends.base import Fetched, VaultSettings
-from sidecar.cache import Cache, Change, Entry, Health, LookupResult, Policy, SecretKey
+from sidecar.cache import (
+    EARLY_RETRY,
+    NEVER,
+    Cache,
+    Change,
+    Entry,
+    Health,
+    Lookup,
+    LookupResult,
+    Policy,
+    Schedule,
+    SecretKey,
+)
 from sidecar.errors import (
     AccessDenied,
     BackendError,
@@ -361,3 +375,141 @@ async def test_value_within_ttl_is_fresh_even_if_its_early_refresh_failed(
     assert (read.result, read.stale) == (LookupResult.HIT, False)
     clock.advance(6)
     assert (await cache.get(key(), POLICY, backend.load)).stale
+
+
+async def test_a_reader_retries_an_outage_early_once_a_second(
+    cache: Cache, clock: ManualClock
+) -> None:
+    """With nothing to serve and a long backoff, readers are answered the failure at once;
+    one reader a second asks again (one call for all), so recovery takes a second, not
+    max_backoff."""
+    backend = Backend()
+    backend.failure = BackendUnavailable("down")
+    for attempt in range(6):  # backoff 1, 2, 4, 8, 16, 32 s (jitter pinned at its maximum)
+        if attempt:
+            clock.advance(cache.peek(key()).failed_until - clock.now)  # type: ignore[union-attr]
+        with pytest.raises(BackendUnavailable):
+            await cache.get(key(), POLICY, backend.load)
+    assert cache.peek(key()).failed_until - clock.now == 32  # type: ignore[union-attr]
+    calls = backend.calls
+    readers = [cache.get(key(), POLICY, backend.load) for _ in range(50)]
+    results = await asyncio.gather(*readers, return_exceptions=True)
+    assert all(isinstance(r, BackendUnavailable) for r in results)
+    assert backend.calls == calls  # retried less than a second ago: held
+    clock.advance(EARLY_RETRY)
+    backend.failure = None
+    results = await asyncio.gather(*readers_of(cache, backend, 50), return_exceptions=True)
+    assert backend.calls == calls + 1  # one early retry for all fifty
+    # its reader waits for it; the others are answered at once (a hung backend must not
+    # hold every reader), and get the value from the next read on
+    assert sum(not isinstance(r, BaseException) for r in results) == 1
+    assert (await cache.get(key(), POLICY, backend.load)).result is LookupResult.HIT
+
+
+def readers_of(cache: Cache, backend: Backend, count: int) -> list[Awaitable[Lookup]]:
+    return [cache.get(key(), POLICY, backend.load) for _ in range(count)]
+
+
+async def test_permanent_failures_keep_their_neg_ttl_without_early_retries(
+    cache: Cache, clock: ManualClock
+) -> None:
+    """Denied (and gone, misconfigured) with nothing to serve is Kong's neg_ttl: no reader
+    asks again before it ends."""
+    backend = Backend()
+    backend.failure = AccessDenied("no")
+    with pytest.raises(AccessDenied):
+        await cache.get(key(), POLICY, backend.load)
+    for _ in range(9):
+        clock.advance(1)
+        with pytest.raises(AccessDenied):
+            await cache.get(key(), POLICY, backend.load)
+    assert backend.calls == 1
+    clock.advance(1)
+    with pytest.raises(AccessDenied):
+        await cache.get(key(), POLICY, backend.load)
+    assert backend.calls == 2
+
+
+async def test_ttl_zero_is_kongs_no_rotation(cache: Cache, clock: ManualClock) -> None:
+    """ttl 0: fetched once and kept (never expires, never scheduled, never idle); only a
+    forced refresh fetches again."""
+    backend = Backend()
+    policy = Policy(ttl=0, neg_ttl=10, resurrect_ttl=100)
+    await cache.get(key(), policy, backend.load)
+    clock.advance(10 * 365 * 86400)
+    later = await cache.get(key(), policy, backend.load)
+    assert (later.result, later.expires_in, backend.calls) == (LookupResult.HIT, NEVER, 1)
+    assert (cache.next_due(), len(cache.timetable)) == (NEVER, 0)
+    assert not cache.is_idle(key(), clock.now, None)
+    backend.value = "v2"
+    forced = await cache.get(key(), policy, backend.load, force=True)
+    assert (forced.fetched.value, backend.calls) == ("v2", 2)
+
+
+async def test_neg_ttl_zero_remembers_no_failure(cache: Cache, clock: ManualClock) -> None:
+    """neg_ttl 0: every read after a permanent failure asks the backend again."""
+    backend = Backend()
+    backend.failure = SecretNotFound("gone")
+    policy = Policy(ttl=60, neg_ttl=0, resurrect_ttl=100)
+    for _ in range(3):
+        with pytest.raises(SecretNotFound):
+            await cache.get(key(), policy, backend.load)
+    assert backend.calls == 3
+    backend.failure = None
+    assert (await cache.get(key(), policy, backend.load)).fetched.value == "v1"
+
+
+@pytest.mark.parametrize("refresh", [True, False])
+async def test_the_timetable_holds_at_most_one_slot_per_entry(
+    clock: ManualClock, refresh: bool
+) -> None:
+    """100 000 loads of 1000 keys into a cache of 100: at most 100 entries, and at most one
+    timetable slot per entry (none with refresh off), failures and refreshes included."""
+    cache = Cache(max_entries=100, clock=clock, schedule=Schedule(refresh=refresh))
+    backend = Backend()
+    for i in range(100_000):
+        backend.failure = BackendUnavailable("down") if i % 7 == 0 else None
+        with contextlib.suppress(BackendUnavailable):
+            await cache.get(key(f"s{i % 1000}"), POLICY, backend.load, force=i % 3 == 0)
+        if i % 1000 == 0:
+            clock.advance(30)
+    assert len(cache) == 100
+    assert len(cache.timetable) == (100 if refresh else 0)
+    clock.advance(3600)
+    assert len(cache.due(clock.now)) == len(cache.timetable) == 0 or refresh
+
+
+async def test_turning_refresh_back_on_schedules_every_entry(
+    cache: Cache, clock: ManualClock
+) -> None:
+    backend = Backend()
+    cache.schedule = Schedule(refresh=False)
+    await cache.get(key("a"), POLICY, backend.load)
+    await cache.get(key("b"), POLICY, backend.load)
+    assert cache.next_due() == NEVER
+    cache.schedule = Schedule()
+    assert len(cache.timetable) == 2
+    assert cache.next_due() == clock.now + 54  # the end of the window
+
+
+async def test_a_retired_generation_is_never_stored(cache: Cache) -> None:
+    """A load that outlives its vault's reload returns to its caller, but neither its value
+    nor its failure is kept; ``settle`` waits for it."""
+    backend = Backend()
+    backend.gate = asyncio.Event()
+    old = SecretKey("vault", "db", None, VaultSettings(), generation=1)
+    new = SecretKey("vault", "db", None, VaultSettings(), generation=2)
+    reader = asyncio.ensure_future(cache.get(old, POLICY, backend.load))
+    await asyncio.sleep(0)
+    assert cache.retire({1}) == 0
+    settling = asyncio.ensure_future(cache.settle({1}, within=5))
+    await asyncio.sleep(0)
+    assert not settling.done()  # the old vault is still in use
+    backend.failure = BackendError("its client was closed")
+    backend.gate.set()
+    with pytest.raises(BackendError):
+        await reader
+    assert await settling == 0
+    assert cache.peek(old) is None
+    backend.failure, backend.gate = None, None
+    assert (await cache.get(new, POLICY, backend.load)).fetched.value == "v1"

@@ -59,7 +59,11 @@ clients:
         ({"listen": {"socket": "/" + "s" * 107}}, "is 108 bytes; a Unix socket path has at most"),
         ({"listen": {"mode": "0666"}}, "must not be world-writable"),
         ({"listen": {"mode": "rw"}}, "must be an octal mode such as '0660' (got 'rw')"),
-        ({"cache": {"ttl": 0}}, "config.cache.ttl: Input should be greater than 0 (got 0)"),
+        ({"cache": {"ttl": -1}}, "config.cache.ttl: Input should be greater than or equal to 0"),
+        (
+            {"cache": {"max_entries": 1}, "prefetch": ["{vault://env/a}", "{vault://env/b}"]},
+            "prefetch has 2 references but cache.max_entries is 1",
+        ),
         ({"metrics": {"address": "nohost"}}, "must be host:port"),
         ({"log": {"format": "xml"}}, "config.log.format: Input should be 'json' or 'console'"),
         ({"vaults": [{"prefix": "env", "name": "env"}]}, "must not be a backend name"),

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+from datetime import UTC, datetime
 
 import pytest
 
-from sidecar.config import VaultEntity
+from sidecar.config import VaultEntity, parse_config
 from sidecar.errors import InvalidReference, SecretNotFound, UnknownVault
+from sidecar.metrics import Metrics
 from sidecar.resolver import extract_key
 from tests.support import ManualClock, make_resolver
 
@@ -124,3 +126,40 @@ async def test_prefetch_reports_failures_per_reference(monkeypatch: pytest.Monke
     assert failures["{vault://env/absent}"].code == "not_found"
     assert failures["bad"].code == "invalid_reference"
     assert (await resolver.resolve("{vault://env/present}")).lookup.cached
+
+
+async def test_kong_ttl_zero_from_a_deck_file_is_kept_without_expiry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A decK vault with Kong's ``ttl: 0`` and ``neg_ttl: 0`` loads; its value never expires
+    (``expires_in_seconds`` null), and a missing secret is asked for on every read."""
+    monkeypatch.setenv("KEPT", "a")
+    deck = parse_config({"_format_version": "3.0", "vaults": [
+        {"prefix": "kept", "name": "env", "config": {"ttl": 0, "neg_ttl": 0}}]})  # fmt: skip
+    clock = ManualClock()
+    metrics = Metrics()
+    resolver = make_resolver(deck.vaults, environ={}, clock=clock, metrics=metrics)
+    first = await resolver.resolve("{vault://kept/kept}")
+    monkeypatch.setenv("KEPT", "b")
+    clock.advance(86_400 * 365)
+    later = await resolver.resolve("{vault://kept/kept}")
+    assert (first.value, later.value, later.to_json()["expires_in_seconds"]) == ("a", "a", None)
+    for _ in range(3):
+        with pytest.raises(SecretNotFound):
+            await resolver.resolve("{vault://kept/nothing}")
+    labels = {"vault": "kept", "backend": "env", "outcome": "not_found"}
+    assert metrics.registry.get_sample_value("secret_sidecar_backend_calls_total", labels) == 3
+
+
+async def test_status_shows_each_vaults_last_refresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``last_refresh_at`` is the wall-clock time of the vault's newest fetch."""
+    monkeypatch.setenv("ONE", "1")
+    clock = ManualClock()
+    resolver = make_resolver(clock=clock)
+    await resolver.resolve("{vault://env/one}")
+    assert resolver.status()["vaults"]["env"]["last_refresh_age_seconds"] == 0
+    clock.advance(5)
+    row = resolver.status()["vaults"]["env"]
+    at = datetime.fromisoformat(row["last_refresh_at"])
+    assert row["last_refresh_age_seconds"] == 5
+    assert abs((datetime.now(UTC) - at).total_seconds() - 5) < 1
