@@ -138,6 +138,21 @@ class BackendUnavailable(BackendFailure):
     status = 503
 
 
+class Unrecognised(BackendUnavailable):
+    """A failure no mapping knows (an SDK exception type, an AWS or gRPC code): transient,
+    since an odd error must not drop a good value. ``kind`` names it for the one log line
+    the resolver writes per vault and kind: a mapping to add, not news on every call."""
+
+    def __init__(self, message: str, kind: str = "unknown") -> None:  # copy() passes message
+        super().__init__(message)
+        self.kind = kind
+
+    @classmethod
+    def of(cls, exc: BaseException, what: str) -> Unrecognised:
+        kind = f"{type(exc).__module__}.{type(exc).__qualname__}"
+        return cls(f"{what}: unrecognised error ({type(exc).__name__})", kind)
+
+
 class CredentialsExpired(BackendUnavailable):
     """Our own credentials for the backend expired or were revoked: the backend has
     dropped them so the next attempt authenticates again, and the call is retried."""

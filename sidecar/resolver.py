@@ -1,7 +1,7 @@
 """Reference -> vault -> cached backend fetch -> JSON key -> answer.
 
 The only place that calls backends: it bounds each call in time, turns
-unexpected SDK exceptions into transient ``BackendUnavailable`` and records one metric and one
+unexpected SDK exceptions into transient ``Unrecognised`` failures and records one metric and one
 log line per call, so every backend gets that for free.
 """
 
@@ -29,11 +29,11 @@ from sidecar.errors import (
     BackendError,
     BackendFailure,
     BackendTimeout,
-    BackendUnavailable,
     InvalidReference,
     SecretNotFound,
     SidecarError,
     UnknownVault,
+    Unrecognised,
 )
 from sidecar.logging import get_logger
 from sidecar.metrics import Metrics
@@ -347,13 +347,11 @@ class Resolver:
             version = str(reference.version)
         return Answer(text, value, version, lookup)
 
-    def _first_sighting(self, vault: Vault, exc: Exception) -> None:
-        """Log an exception type the backend did not map, once per vault and type: it is a
-        mapping to add, not news on every call."""
-        kind = (vault.prefix, f"{type(exc).__module__}.{type(exc).__qualname__}")
-        if kind not in self._unrecognised:
-            self._unrecognised.add(kind)
-            log.warning("backend.unrecognised_error", vault=vault.prefix, error_type=kind[1])
+    def _first_sighting(self, vault: Vault, failure: Unrecognised) -> None:
+        """One warning per vault and kind of unrecognised failure (then only the metric)."""
+        if (vault.prefix, failure.kind) not in self._unrecognised:
+            self._unrecognised.add((vault.prefix, failure.kind))
+            log.warning("backend.unrecognised_error", vault=vault.prefix, kind=failure.kind)
 
     async def _call(
         self, vault: Vault, about: dict[str, Any], call: Callable[[], Awaitable[T]]
@@ -393,14 +391,14 @@ class Resolver:
             ) from None
         except BackendFailure as exc:
             outcome = exc.code
+            if isinstance(exc, Unrecognised):
+                self._first_sighting(vault, exc)
             raise
-        except Exception as exc:
-            # Unrecognised is transient: an odd exception must not drop a good value.
-            outcome = "backend_unavailable"
-            self._first_sighting(vault, exc)
-            raise BackendUnavailable(
-                f"vault {vault.prefix!r} failed unexpectedly ({type(exc).__name__})"
-            ) from None
+        except Exception as exc:  # a backend's own bug or an SDK error it lets through
+            failure = Unrecognised.of(exc, f"vault {vault.prefix!r}")
+            outcome = failure.code
+            self._first_sighting(vault, failure)
+            raise failure from None
         finally:
             elapsed = time.perf_counter() - started
             labels = (vault.prefix, vault.backend_name, outcome)

@@ -48,6 +48,7 @@ from sidecar.errors import (
     CredentialsExpired,
     InvalidReference,
     SecretNotFound,
+    Unrecognised,
 )
 
 BATCH_SIZE = 20  # BatchGetSecretValue's limit for SecretIdList
@@ -190,7 +191,7 @@ def code_failure(code: str, status: int | None, message: str, what: str) -> Back
         return BackendUnavailable(f"{what}: Secrets Manager unavailable ({code})")
     if code in _REFUSED:
         return BackendError(f"{what}: request refused ({code})")
-    return BackendUnavailable(f"{what}: unrecognised error ({code})")
+    return Unrecognised(f"{what}: unrecognised error ({code})", f"aws:{code}")
 
 
 def map_error(exc: Exception, what: str) -> BackendFailure:
@@ -208,7 +209,7 @@ def map_error(exc: Exception, what: str) -> BackendFailure:
         return BackendError(f"{what}: no usable AWS credentials in the standard chain")
     if isinstance(exc, NoRegionError):
         return BackendError(f"{what}: no region; set region, AWS_REGION or AWS_DEFAULT_REGION")
-    return BackendUnavailable(f"{what}: unrecognised error ({type(exc).__name__})")
+    return Unrecognised.of(exc, what)
 
 
 class _AssumedRole:

@@ -39,6 +39,7 @@ from sidecar.errors import (
     CredentialsExpired,
     InvalidReference,
     SecretNotFound,
+    Unrecognised,
 )
 
 SCOPES = ("https://www.googleapis.com/auth/cloud-platform",)
@@ -130,7 +131,7 @@ def map_error(exc: Exception, what: str) -> BackendFailure:
     elif isinstance(exc, grpc.RpcError):
         code = exc.code().name
     else:
-        return BackendUnavailable(f"{what}: unrecognised error ({type(exc).__name__})")
+        return Unrecognised.of(exc, what)
     if code == "NOT_FOUND":
         return SecretNotFound(f"{what}: not found")
     if code == "UNAUTHENTICATED":
@@ -145,7 +146,7 @@ def map_error(exc: Exception, what: str) -> BackendFailure:
         return BackendUnavailable(f"{what}: Secret Manager unavailable ({code})")
     if code in _REFUSED:
         return BackendError(f"{what}: request refused ({code})")
-    return BackendUnavailable(f"{what}: unrecognised error ({code})")
+    return Unrecognised(f"{what}: unrecognised error ({code})", f"grpc:{code}")
 
 
 def _load_credentials(credentials_file: str | None) -> tuple[Credentials, str | None]:

@@ -29,6 +29,7 @@ from sidecar.errors import (
     BackendTimeout,
     BackendUnavailable,
     SecretNotFound,
+    Unrecognised,
 )
 from sidecar.logging import get_logger
 
@@ -71,7 +72,7 @@ def map_error(exc: Exception, what: str, *, login: bool = False) -> BackendFailu
     ):
         return BackendUnavailable(f"{what}: Vault server error ({type(exc).__name__})")
     if isinstance(exc, hvac_exc.VaultError):
-        return BackendUnavailable(f"{what}: unrecognised answer ({type(exc).__name__})")
+        return Unrecognised.of(exc, what)
     if isinstance(exc, ResponseTooLarge):
         return BackendError(f"{what}: answer larger than {MAX_RESPONSE} bytes")
     if isinstance(exc, requests.exceptions.Timeout):
@@ -84,7 +85,7 @@ def map_error(exc: Exception, what: str, *, login: bool = False) -> BackendFailu
         return BackendUnavailable(f"{what}: broken answer ({type(exc).__name__})")
     if isinstance(exc, OSError):
         return BackendError(f"{what}: cannot read {exc.filename or 'a file'} ({exc.strerror})")
-    return BackendUnavailable(f"{what}: unrecognised error ({type(exc).__name__})")
+    return Unrecognised.of(exc, what)
 
 
 SDK_ERRORS = (hvac_exc.VaultError, requests.exceptions.RequestException, OSError, KeyError)

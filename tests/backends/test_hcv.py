@@ -37,6 +37,7 @@ from sidecar.errors import (
     SecretNotFound,
     SidecarError,
     UnknownVault,
+    Unrecognised,
 )
 from sidecar.resolver import Resolver
 from tests.backends.contract import raises_clean
@@ -375,6 +376,26 @@ async def test_bad_request_is_permanent_backend_error(vault: FakeVault, build: B
     with pytest.raises(BackendError, match=r"request refused \(400\)"):
         await resolver.resolve("{vault://hv/db/password}")
     assert len(vault.calls("secret/db")) == 2
+
+
+async def test_unrecognised_answer_is_transient_and_logged_once(
+    vault: FakeVault, build: Build
+) -> None:
+    """A status no mapping knows (418) is transient: retried, then backend_unavailable, with
+    one warning naming its kind for the vault, not one per call."""
+    resolver = build(backend_retries=1)
+    vault.put("secret", "db", {"password": PASSWORD})
+    await resolver.resolve(f"{{vault://hv/db/password{WARM}}}")
+    vault.fail(418, 418, 418, 418)
+    with capture_logs() as logs:
+        for ref in ("{vault://hv/db/password}", "{vault://hv/db/password?ttl=60}"):
+            with pytest.raises(Unrecognised, match=r"unrecognised error \(UnexpectedError\)"):
+                await resolver.resolve(ref)
+    assert len(vault.calls("secret/db")) == 1 + 4  # each tried twice
+    warnings = [e for e in logs if e["event"] == "backend.unrecognised_error"]
+    assert [(e["vault"], e["kind"]) for e in warnings] == [
+        ("hv", "hvac.exceptions.UnexpectedError")
+    ]
 
 
 async def test_connection_refused_is_unavailable(build: Build) -> None:
