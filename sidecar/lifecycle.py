@@ -214,7 +214,8 @@ class Daemon:
             await self.start_metrics()
         except StartupError as exc:
             log.error("config.metrics_not_moved", error=exc.message, kept=old.metrics.address)
-            self.scrape = await _start_metrics(self, old)
+            with contextlib.suppress(StartupError):  # the old port taken meanwhile: none
+                self.scrape = await _start_metrics(self, old)
         else:
             log.info("metrics.moved", metrics=self.config.metrics.address or None)
 
