@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?=
 
-.PHONY: run test lint audit clean
+.PHONY: run test lint audit bench bench-quick clean
 
 # setuptools is upgraded too: the one `venv` seeds on 3.11 (65.5) has known vulnerabilities.
 $(BIN)/.installed: pyproject.toml
@@ -28,6 +28,16 @@ audit: $(BIN)/.installed
 
 test: lint audit
 	$(BIN)/pytest --cov --cov-report=term-missing:skip-covered
+
+# Cached reads over the socket, side by side with the floor server (bench/http.py); needs
+# h2load (Debian: nghttp2-client). bench writes bench/results/<date>.{json,md,png}; bench-quick
+# (CI) reports one short run and asserts nothing.
+bench: $(BIN)/.installed
+	$(BIN)/python -m pip install --quiet matplotlib
+	$(BIN)/python -m bench.http --save
+
+bench-quick: $(BIN)/.installed
+	$(BIN)/python -m bench.http --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage* sidecar.sock

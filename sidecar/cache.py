@@ -29,7 +29,7 @@ import random
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sortedcontainers import SortedList
 
@@ -72,6 +72,15 @@ class SecretKey:
     version: int | None
     settings: VaultSettings
     generation: int = 0  # of the vault instance: a reload's replacement gets a new one
+    # Hashed once: every read looks the key up, and pydantic settings hash field by field.
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        fields = (self.vault, self.secret_id, self.version, self.settings, self.generation)
+        object.__setattr__(self, "_hash", hash(fields))
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +181,7 @@ class Entry:
         return self.fetched is not None and now < self.expires_at + self.policy.resurrect_ttl
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made per read, and frozen init costs 3x
 class Lookup:
     fetched: Fetched
     result: LookupResult
@@ -250,12 +259,12 @@ class Cache:
         """
         entry = self._entries.get(key)
         if entry is not None and not force:  # a refresh is not a read: it must not stop idling
+            hit = self.hit(key)
+            if hit is not None:
+                return hit
             now = self.clock()
             entry.last_used = now
             self._entries.move_to_end(key)
-            if entry.is_fresh(now):  # even if its early refresh failed: still within ttl
-                self.observe(LookupResult.HIT)
-                return self._lookup(entry, LookupResult.HIT, now)
             if entry.failure is not None and entry.can_resurrect(now):
                 # failing but servable: answer stale now; a retry past its backoff runs
                 # in the background (one per key), so no reader waits on a sick backend
@@ -277,6 +286,20 @@ class Cache:
             raise
         self.observe(lookup.result)
         return lookup
+
+    def hit(self, key: SecretKey) -> Lookup | None:
+        """The fresh value, if there is one (even if its early refresh failed: it is still
+        within ttl); a read that needs no waiting, so callers may take it without awaiting."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        now = self.clock()
+        if not entry.is_fresh(now):
+            return None
+        entry.last_used = now
+        self._entries.move_to_end(key)
+        self.observe(LookupResult.HIT)
+        return self._lookup(entry, LookupResult.HIT, now)
 
     def _may_retry_early(self, key: SecretKey, entry: Entry, now: float) -> bool:
         """A transient failure with nothing to serve: one reader a second may ask again

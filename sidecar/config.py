@@ -109,6 +109,10 @@ class MetricsConfig(_Model):
 class LogConfig(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
+    # A "request" line for every request, or only for those answered with an error.
+    requests: Literal["errors", "all"] = "errors"
+    # Repeat reads are counted and logged once per (peer, reference, outcome) this often.
+    audit_interval: float = Field(default=60.0, gt=0)
 
 
 class CacheConfig(_Model):

@@ -26,6 +26,7 @@ from aiohttp import web
 from sidecar import logging as sidecar_logging
 from sidecar import unix_socket
 from sidecar.access import AccessPolicy, check_rules_enforceable
+from sidecar.audit import AuditTrail
 from sidecar.cache import Cache, Change, Entry, Health, Schedule, SecretKey
 from sidecar.config import Config
 from sidecar.connections import GuardedSite
@@ -34,7 +35,7 @@ from sidecar.logging import get_logger
 from sidecar.metrics import Metrics
 from sidecar.refresh import Refresher
 from sidecar.resolver import Resolver
-from sidecar.server import State, build_app, build_metrics_app
+from sidecar.server import State, build_metrics_app, build_server
 from sidecar.vaults import VaultRegistry, close_vaults
 from sidecar.watch import EventBus
 
@@ -56,7 +57,7 @@ class Daemon:
             max_entries=config.cache.max_entries,
             clock=clock,
             schedule=_schedule(config),
-            observe=lambda result: metrics.cache_lookups.labels(result.value).inc(),
+            observe=lambda result: metrics.count_lookup(result.value),
             on_change=self._changed,
         )
         resolver = Resolver(
@@ -70,6 +71,8 @@ class Daemon:
             self.events,
             config.watch,
             config.listen.body_timeout,
+            AuditTrail(config.log.audit_interval),
+            config.log.requests == "all",
         )
         self.refresher = Refresher(lambda: self.state.resolver, self.cache, config.refresh.idle_ttl)
         metrics.watch_backends(
@@ -107,6 +110,7 @@ class Daemon:
         """Background work: readiness (vaults, prefetch), loop-lag samples, the refresher."""
         self._restart("readiness", self._prepare())
         self._restart("loop-lag", self._sample_loop_lag())
+        self._restart("audit", self._flush_audit())
         self._restart("refresh", self.refresher.run() if self.config.refresh.enabled else None)
 
     def _restart(self, name: str, work: Coroutine[object, object, None] | None) -> None:
@@ -125,6 +129,13 @@ class Daemon:
             due = loop.time() + LOOP_LAG_INTERVAL
             await asyncio.sleep(LOOP_LAG_INTERVAL)
             self.metrics.loop_lag.observe(max(loop.time() - due, 0.0))
+
+    async def _flush_audit(self) -> None:
+        """Repeat reads are counted between flushes (``sidecar.audit``)."""
+        trail = self.state.audit
+        while True:
+            await asyncio.sleep(trail.interval)
+            trail.flush()
 
     async def _prepare(self) -> None:
         state, delay = self.state, 1.0
@@ -181,6 +192,8 @@ class Daemon:
         self.state.resolver = Resolver(vaults, self.cache, config.cache, self.metrics)
         self.state.access = AccessPolicy(config.clients)
         self.state.watch = config.watch
+        self.state.audit.interval = config.log.audit_interval
+        self.state.log_requests = config.log.requests == "all"
         self.config = config
         if config.metrics != old.metrics:
             await self._move_metrics(old)
@@ -226,6 +239,7 @@ class Daemon:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.state.resolver.vaults.close()
+        self.state.audit.flush()
         if self.scrape is not None:
             await self.scrape.cleanup()
 
@@ -316,7 +330,7 @@ async def serve(
         unix_socket.remove(listen.socket, inode)
         os._exit(1)
 
-    api = web.AppRunner(build_app(daemon.state), access_log=None, shutdown_timeout=1.0)
+    api = web.ServerRunner(build_server(daemon.state), shutdown_timeout=1.0)
     try:
         await api.setup()
         site = GuardedSite(api, sock, listen)

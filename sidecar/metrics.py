@@ -6,11 +6,20 @@ reference, a secret id or a value, so cardinality stays flat and nothing leaks.
 
 from __future__ import annotations
 
+import bisect
+import collections
+import itertools
 from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from sidecar import __version__
 from sidecar.backends.base import AuthReporting
@@ -30,18 +39,6 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
-            f"{PREFIX}_requests", "API requests by endpoint and status code.",
-            ["endpoint", "code"], registry=r,
-        )  # fmt: skip
-        self.request_duration = Histogram(
-            f"{PREFIX}_request_duration_seconds", "API request duration by endpoint.",
-            ["endpoint"], buckets=_FAST, registry=r,
-        )  # fmt: skip
-        self.cache_lookups = Counter(
-            f"{PREFIX}_cache_lookups", "Cache lookups by result (hit, miss, stale, negative).",
-            ["result"], registry=r,
-        )  # fmt: skip
         self.backend_calls = Counter(
             f"{PREFIX}_backend_calls", "Backend calls by vault, backend and outcome.",
             ["vault", "backend", "outcome"], registry=r,
@@ -92,6 +89,10 @@ class Metrics:
         Info(f"{PREFIX}_build", "Build information.", registry=r).info({"version": __version__})
         self._auth = _AuthCollector(lambda: ())
         r.register(self._auth)
+        self._hot = _PerRequest()
+        r.register(self._hot)
+        self.observe_request = self._hot.observe_request
+        self.count_lookup = self._hot.count_lookup
 
     def watch_backends(self, backends: BackendsView) -> None:
         """Export what authenticating backends report, read at scrape time.
@@ -103,6 +104,54 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _PerRequest(Collector):
+    """What every request counts, kept as plain numbers and exported at scrape time.
+
+    prometheus_client takes a lock and looks up label children on every increment;
+    the daemon's loop is one thread, so counting here is a dict update, and the
+    families are built when Prometheus asks.
+    """
+
+    def __init__(self) -> None:
+        self.requests: collections.Counter[tuple[str, int]] = collections.Counter()
+        self.durations: dict[str, list[float]] = {}  # endpoint -> per-bucket counts, then sum
+        self.lookups: collections.Counter[str] = collections.Counter()
+
+    def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
+        self.requests[(endpoint, status)] += 1
+        row = self.durations.get(endpoint)
+        if row is None:
+            row = self.durations[endpoint] = [0.0] * (len(_FAST) + 2)
+        row[bisect.bisect_left(_FAST, seconds)] += 1  # the first bucket with le >= seconds
+        row[-1] += seconds
+
+    def count_lookup(self, result: str) -> None:
+        self.lookups[result] += 1
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            f"{PREFIX}_requests", "API requests by endpoint and status code.",
+            labels=["endpoint", "code"],
+        )  # fmt: skip
+        for (endpoint, status), count in sorted(self.requests.items()):
+            requests.add_metric([endpoint, str(status)], count)
+        durations = HistogramMetricFamily(
+            f"{PREFIX}_request_duration_seconds", "API request duration by endpoint.",
+            labels=["endpoint"],
+        )  # fmt: skip
+        for endpoint, row in sorted(self.durations.items()):
+            cumulative = list(itertools.accumulate(row[:-1]))
+            bounds = [floatToGoString(b) for b in _FAST] + ["+Inf"]  # type: ignore[no-untyped-call]
+            durations.add_metric([endpoint], list(zip(bounds, cumulative, strict=True)), row[-1])
+        lookups = CounterMetricFamily(
+            f"{PREFIX}_cache_lookups", "Cache lookups by result (hit, miss, stale, negative).",
+            labels=["result"],
+        )  # fmt: skip
+        for result, count in sorted(self.lookups.items()):
+            lookups.add_metric([result], count)
+        yield from (requests, durations, lookups)
 
 
 class _AuthCollector(Collector):

@@ -43,6 +43,7 @@ from sidecar.vaults import Vault, VaultRegistry
 log = get_logger("sidecar.resolver")
 T = TypeVar("T")
 
+MAX_BOUND = 65_536  # remembered reference texts per resolver
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")  # no backend names a secret with these
 _LUA_TYPES = {bool: "boolean", int: "number", float: "number", dict: "table", list: "table"}
 
@@ -78,7 +79,7 @@ def decoded(fetched: Fetched, settings: VaultSettings) -> Fetched:
     return Fetched(text, fetched.version)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made per read, and frozen init costs 3x
 class Answer:
     ref: str
     value: str = field(repr=False)
@@ -119,12 +120,18 @@ class Resolver:
         self.defaults = defaults
         self.metrics = metrics
         self._unrecognised: set[tuple[str, str]] = set()
+        self._bound: dict[str, Target] = {}  # reference text -> its target (this config's)
 
     def target(self, text: str) -> Target:
         """Parse and bind a reference; raises ``InvalidReference`` or ``UnknownVault``."""
-        return self.bind(parse(text))
+        return self.bound(text) or self.bind(parse(text), text)
 
-    def bind(self, reference: Reference) -> Target:
+    def bound(self, text: str) -> Target | None:
+        """The target this exact text was bound to before, if any (no parsing, no settings
+        validation, no new key: a repeat read's whole binding is this lookup)."""
+        return self._bound.get(text)
+
+    def bind(self, reference: Reference, text: str | None = None) -> Target:
         """Find the vault and effective settings; what no backend must be asked is refused.
 
         The server checks the caller's access on the parsed reference first, so a
@@ -139,7 +146,12 @@ class Resolver:
         key = SecretKey(
             vault.prefix, reference.resource, reference.version, settings, vault.generation
         )
-        return Target(reference, vault, key, self.policy(settings))
+        target = Target(reference, vault, key, self.policy(settings))
+        if text is not None:
+            if len(self._bound) >= MAX_BOUND:
+                self._bound.clear()  # rare: more distinct references than any gateway has
+            self._bound[text] = target
+        return target
 
     def policy(self, settings: VaultSettings) -> Policy:
         d = self.defaults
@@ -150,6 +162,11 @@ class Resolver:
                 settings.resurrect_ttl if settings.resurrect_ttl is not None else d.resurrect_ttl
             ),
         )
+
+    def cached(self, text: str, target: Target) -> Answer | None:
+        """The answer from a fresh cached value, without awaiting; None if it needs a load."""
+        lookup = self.cache.hit(target.key)
+        return None if lookup is None else self._answer(text, target.reference, lookup)
 
     async def resolve(self, text: str, *, force: bool = False) -> Answer:
         return await self.resolve_target(text, self.target(text), force=force)
@@ -339,9 +356,11 @@ class Resolver:
         return {"cache": cache, "vaults": vaults}
 
     def _answer(self, text: str, reference: Reference, lookup: Lookup) -> Answer:
-        value = lookup.fetched.value
+        fetched = lookup.fetched
+        value = fetched.value
         if reference.key is not None:
-            value = extract_key(value, reference.key)
+            value = fetched.keys.get(reference.key) or extract_key(value, reference.key)
+            fetched.keys[reference.key] = value
         version = lookup.fetched.version
         if version is None and reference.version is not None:
             version = str(reference.version)

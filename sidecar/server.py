@@ -1,6 +1,6 @@
 """The socket API (design.md section 4): aiohttp handlers, limits and error mapping.
 
-Every error leaves through ``_errors`` as ``{"error": {"code", "message"}}`` with
+Every error leaves through ``_guard`` as ``{"error": {"code", "message"}}`` with
 its status: ours carry their code; anything else becomes a bare 500 with no
 detail, so no exception text (which could quote a value) reaches a caller.
 """
@@ -14,10 +14,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import structlog
+import orjson
 from aiohttp import web
 
 from sidecar.access import AccessPolicy, Peer, peer_of
+from sidecar.audit import AuditTrail
 from sidecar.cache import Change, SecretKey
 from sidecar.config import WatchConfig
 from sidecar.errors import (
@@ -37,7 +38,7 @@ from sidecar.resolver import CONTROL_CHARACTERS, Answer, Resolver, Target, extra
 from sidecar.watch import END, Event, EventBus
 
 log = get_logger("sidecar.server")
-audit = get_logger("sidecar.audit")
+audit = get_logger("sidecar.audit")  # watch subscriptions; reads go through State.audit
 
 MAX_BODY = 1024 * 1024
 MAX_BATCH = 1000
@@ -48,7 +49,10 @@ CLIENT_GONE = 499  # the status logged when the client closed before its answer 
 # Signs of a request relayed from a network: the socket API is for local callers only.
 PROXY_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP")
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Handler = Callable[["State", web.BaseRequest], Awaitable[web.StreamResponse]]
+JSON = "application/json"
+# A single read's vault and outcome, for its request log line.
+OUTCOME = web.RequestKey("outcome", tuple[str | None, str | None])
 
 
 @dataclass
@@ -62,6 +66,8 @@ class State:
     events: EventBus
     watch: WatchConfig
     body_timeout: float
+    audit: AuditTrail
+    log_requests: bool = False  # a log line for every request, not just errors
     ready: bool = False
     not_ready: dict[str, str] = field(
         default_factory=lambda: {"startup": "starting vaults and resolving prefetch references"}
@@ -73,31 +79,38 @@ class State:
         self.idle.set()
 
 
-STATE = web.AppKey("state", State)
-
-
-def _state(request: web.Request) -> State:
-    return request.app[STATE]
-
-
-def _peer(request: web.Request) -> Peer:
+def _peer(request: web.BaseRequest) -> Peer:
     return peer_of(request.transport)
 
 
 def _error(exc: SidecarError) -> web.Response:
-    return web.json_response(exc.to_json(), status=exc.status)
+    return _json(exc.to_json(), exc.status)
 
 
-@web.middleware
-async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """One log line and one metric per request, whatever happened inside."""
-    structlog.contextvars.clear_contextvars()
+def _json(document: Any, status: int = 200) -> web.Response:
+    """orjson: the answers are the hot path, and it is several times the stdlib's speed."""
+    return web.Response(body=orjson.dumps(document), status=status, content_type=JSON)
+
+
+async def _guard(state: State, request: web.BaseRequest) -> web.StreamResponse:
+    """Everything around the handlers, in one place: routing, local-only and size limits,
+    errors as JSON, and per request one metric (and, for errors or ``log.requests: all``,
+    a log line). aiohttp's low-level server calls it directly: no application, router
+    or middleware chain to go through on every read."""
     started = time.perf_counter()
-    resource = request.match_info.route.resource
-    endpoint = resource.canonical if resource is not None else "unmatched"
     status = 500
+    methods = ROUTES.get(request.path)
+    endpoint = request.path if methods is not None else "unmatched"
     try:
-        response = await handler(request)
+        try:
+            if methods is None:
+                raise UnknownRoute("no such endpoint; see /v1/secrets, /v1/status, /healthz")
+            handler = methods.get(request.method)
+            if handler is None:
+                raise _NotAllowed(sorted(methods))
+            response = await _limited(state, request, handler)
+        except Exception as exc:  # every error leaves as JSON (ConnectionError is re-raised)
+            response = _error_response(request, exc)
         status = response.status
         return response
     except ConnectionError:
@@ -105,56 +118,28 @@ async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse
         raise  # nobody to answer: aiohttp drops the connection
     finally:
         elapsed = time.perf_counter() - started
-        metrics = _state(request).metrics
-        metrics.requests.labels(endpoint, str(status)).inc()
-        metrics.request_duration.labels(endpoint).observe(elapsed)
-        log.info(
-            "request",
-            method=request.method,
-            endpoint=endpoint,
-            status=status,
-            duration_ms=round(elapsed * 1000, 3),
-        )
+        state.metrics.observe_request(endpoint, status, elapsed)
+        if status >= 400 or state.log_requests:
+            vault, outcome = request.get(OUTCOME, (None, None))
+            log.info("request", method=request.method, endpoint=endpoint, status=status,
+                     duration_ms=round(elapsed * 1000, 3), vault=vault, cache=outcome)  # fmt: skip
 
 
-@web.middleware
-async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except SidecarError as exc:
-        return _error(exc)
-    except web.HTTPRequestEntityTooLarge:
-        return _error(PayloadTooLarge(f"request body exceeds {MAX_BODY} bytes"))
-    except web.HTTPMethodNotAllowed as exc:
-        allowed = ", ".join(sorted(exc.allowed_methods))
-        response = _error(
-            MethodNotAllowed(f"{request.method} is not allowed here (allowed: {allowed})")
-        )
-        response.headers["Allow"] = allowed
-        return response
-    except web.HTTPNotFound:
-        return _error(UnknownRoute("no such endpoint; see /v1/secrets, /v1/status, /healthz"))
-    except web.HTTPException as exc:
-        body = {"error": {"code": "invalid_request", "message": exc.reason}}
-        return web.json_response(body, status=exc.status)
-    except ConnectionError:
-        raise
-    except Exception as exc:
-        log.error("request.failed", error_type=type(exc).__name__)
-        body = {"error": {"code": "internal_error", "message": "internal error"}}
-        return web.json_response(body, status=500)
+class _NotAllowed(Exception):
+    def __init__(self, allowed: list[str]) -> None:
+        super().__init__("method not allowed")
+        self.allowed = allowed
 
 
-@web.middleware
-async def _limit(request: web.Request, handler: Handler) -> web.StreamResponse:
-    state = _state(request)
+async def _limited(state: State, request: web.BaseRequest, handler: Handler) -> web.StreamResponse:
+    headers = request.headers
     for name in PROXY_HEADERS:
-        if name in request.headers:
+        if name in headers:
             raise InvalidRequest(f"proxied requests are refused ({name}): the API is local-only")
-    if request.headers.get("Content-Encoding", "identity").lower() != "identity":
+    if headers.get("Content-Encoding", "identity").lower() != "identity":
         raise InvalidRequest("request bodies must not be compressed (Content-Encoding)")
     if request.path in UNLIMITED:
-        return await handler(request)
+        return await handler(state, request)
     if state.in_flight >= state.max_concurrent:
         raise TooManyRequests(f"more than {state.max_concurrent} requests in flight")
     if request.content_length is not None and request.content_length > MAX_BODY:
@@ -162,30 +147,90 @@ async def _limit(request: web.Request, handler: Handler) -> web.StreamResponse:
     state.in_flight += 1
     state.idle.clear()
     try:
-        return await handler(request)
+        return await handler(state, request)
     finally:
         state.in_flight -= 1
         if state.in_flight == 0:
             state.idle.set()
 
 
+def _error_response(request: web.BaseRequest, exc: Exception) -> web.Response:
+    """Our errors with their code; aiohttp's routing errors in our shape; anything else a
+    bare 500, so no exception text (which could quote a value) reaches a caller."""
+    if isinstance(exc, ConnectionError):
+        raise exc
+    if isinstance(exc, SidecarError):
+        return _error(exc)
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return _error(PayloadTooLarge(f"request body exceeds {MAX_BODY} bytes"))
+    if isinstance(exc, _NotAllowed):
+        allowed = ", ".join(exc.allowed)
+        response = _error(
+            MethodNotAllowed(f"{request.method} is not allowed here (allowed: {allowed})")
+        )
+        response.headers["Allow"] = allowed
+        return response
+    if isinstance(exc, web.HTTPException):
+        body = {"error": {"code": "invalid_request", "message": exc.reason}}
+        return web.json_response(body, status=exc.status)
+    log.error("request.failed", error_type=type(exc).__name__)
+    body = {"error": {"code": "internal_error", "message": "internal error"}}
+    return web.json_response(body, status=500)
+
+
 def _authorized(state: State, peer: Peer, ref: str) -> Target:
-    """Check size and characters, parse, check access, and only then bind to a vault."""
+    """Check size and characters, parse, check access, and only then bind to a vault.
+
+    A reference bound before is taken from the resolver's memo: the access check still
+    runs on it first, so what a peer may not read still tells it nothing.
+    """
+    target = state.resolver.bound(ref)
+    if target is not None:
+        state.access.check(peer, target.reference)
+        return target
     if len(ref.encode("utf-8", "surrogatepass")) > MAX_REFERENCE:
         raise InvalidRequest(f"reference longer than {MAX_REFERENCE} bytes")
     if CONTROL_CHARACTERS.search(ref):
         raise InvalidReference("reference contains a control character")
     reference = parse(ref)
     state.access.check(peer, reference)
-    return state.resolver.bind(reference)
+    return state.resolver.bind(reference, ref)
 
 
-async def _read(state: State, peer: Peer, ref: str, *, force: bool = False) -> Answer:
+def _read_now(
+    state: State, peer: Peer, ref: str, trace: web.BaseRequest | None = None
+) -> Answer | None:
+    """A read served from a fresh cached value without awaiting anything, or None when it
+    needs a load (``_read`` then does the rest). Most reads end here."""
+    audited, outcome, vault = True, "hit", None
+    shown = ref.partition("?")[0][:MAX_REFERENCE]
+    try:
+        target = _authorized(state, peer, ref)
+        vault, shown = target.vault.prefix, ref
+        answer = state.resolver.cached(ref, target)
+        audited = answer is not None
+        return answer
+    except SidecarError as exc:
+        outcome = exc.code
+        raise
+    finally:
+        if audited:
+            _audit(state, peer, shown, vault, outcome, trace=trace)
+
+
+async def _read(
+    state: State, peer: Peer, ref: str, *, force: bool = False, trace: web.BaseRequest | None = None
+) -> Answer:
     """Resolve one reference for one peer: access, cache, audit.
 
-    The audit event names who asked for what and how it went, never the value. The
+    The audit trail names who asked for what and how it went, never the value. The
     query is shown only once bound: until then it may hold anything the caller sent.
+    ``trace`` (a single read's request) gets the vault and outcome for its log line.
     """
+    if not force:
+        answer = _read_now(state, peer, ref, trace)
+        if answer is not None:
+            return answer
     outcome, vault = "ok", None
     shown = ref.partition("?")[0][:MAX_REFERENCE]
     try:
@@ -198,28 +243,36 @@ async def _read(state: State, peer: Peer, ref: str, *, force: bool = False) -> A
         outcome = exc.code
         raise
     finally:
-        structlog.contextvars.bind_contextvars(vault=vault, cache=outcome)
-        audit.info(
-            "secret.read", ref=shown, vault=vault, uid=peer.uid, gid=peer.gid, pid=peer.pid,
-            outcome=outcome,
-        )  # fmt: skip
+        _audit(state, peer, shown, vault, outcome, trace=trace)
 
 
-def _single_ref(request: web.Request) -> str:
+def _audit(
+    state: State,
+    peer: Peer,
+    shown: str,
+    vault: str | None,
+    outcome: str,
+    *,
+    trace: web.BaseRequest | None,
+) -> None:
+    if trace is not None:
+        trace[OUTCOME] = (vault, outcome)
+    state.audit.record(peer, shown, vault, outcome)
+
+
+def _single_ref(request: web.BaseRequest) -> str:
     refs = request.query.getall("ref", [])
     if len(refs) != 1:
         raise InvalidRequest("exactly one 'ref' query parameter is required")
     return refs[0]
 
 
-async def get_secret(request: web.Request) -> web.Response:
-    state = _state(request)
-    answer = await _read(state, _peer(request), _single_ref(request))
-    return web.json_response(answer.to_json())
+async def get_secret(state: State, request: web.BaseRequest) -> web.Response:
+    answer = await _read(state, _peer(request), _single_ref(request), trace=request)
+    return _json(answer.to_json())
 
 
-async def batch(request: web.Request) -> web.Response:
-    state = _state(request)
+async def batch(state: State, request: web.BaseRequest) -> web.Response:
     try:
         async with asyncio.timeout(state.body_timeout):
             body = await request.json(loads=json.loads)
@@ -240,12 +293,22 @@ async def batch(request: web.Request) -> web.Response:
         except SidecarError as exc:
             return {"ref": ref, **exc.to_json()}
 
-    results = await asyncio.gather(*(one(ref) for ref in refs))
-    return web.json_response({"results": results})
+    # Cached answers first, at once; only what needs a load waits (concurrently).
+    results: list[dict[str, Any] | None] = []
+    for ref in refs:
+        try:
+            answer = _read_now(state, peer, ref)
+            results.append(None if answer is None else answer.to_json())
+        except SidecarError as exc:
+            results.append({"ref": ref, **exc.to_json()})
+    waiting = [i for i, result in enumerate(results) if result is None]
+    loaded = await asyncio.gather(*(one(refs[i]) for i in waiting))
+    for i, result in zip(waiting, loaded, strict=True):
+        results[i] = result
+    return _json({"results": results})
 
 
-async def refresh(request: web.Request) -> web.Response:
-    state = _state(request)
+async def refresh(state: State, request: web.BaseRequest) -> web.Response:
     peer = _peer(request)
     refs = request.query.getall("ref", [])
     if not refs:
@@ -258,13 +321,12 @@ async def refresh(request: web.Request) -> web.Response:
     return web.json_response({"refreshed": results})
 
 
-async def watch(request: web.Request) -> web.StreamResponse:
+async def watch(state: State, request: web.BaseRequest) -> web.StreamResponse:
     """Server-sent events on changes of the watched references.
 
     The values are sent only with ``include_values=true`` (and the peer must be
     allowed to read them, as for any read). Watched entries stay refreshed.
     """
-    state = _state(request)
     peer = _peer(request)
     refs = request.query.getall("ref", [])
     if not refs or len(refs) > MAX_BATCH:
@@ -333,13 +395,12 @@ def _event_json(ref: str, target: Target, event: Event, include_values: bool) ->
     return body
 
 
-async def healthz(request: web.Request) -> web.Response:
+async def healthz(state: State, request: web.BaseRequest) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-async def readyz(request: web.Request) -> web.Response:
+async def readyz(state: State, request: web.BaseRequest) -> web.Response:
     """What is missing names secret ids: only admin peers see it (the rest: ready or not)."""
-    state = _state(request)
     if state.ready:
         return web.json_response({"ready": True})
     body: dict[str, Any] = {"ready": False}
@@ -348,9 +409,8 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response(body, status=503)
 
 
-async def status(request: web.Request) -> web.Response:
+async def status(state: State, request: web.BaseRequest) -> web.Response:
     """Per-vault state and last errors name secret ids: admin peers only, others get ready."""
-    state = _state(request)
     if not state.access.is_admin(_peer(request)):
         return web.json_response({"ready": state.ready})
     body = {
@@ -361,17 +421,24 @@ async def status(request: web.Request) -> web.Response:
     return web.json_response(body | state.resolver.status())
 
 
-def build_app(state: State) -> web.Application:
-    app = web.Application(middlewares=[_observe, _errors, _limit], client_max_size=MAX_BODY)
-    app[STATE] = state
-    app.router.add_get("/v1/secrets", get_secret, allow_head=False)
-    app.router.add_post("/v1/secrets:batch", batch)
-    app.router.add_post("/v1/refresh", refresh)
-    app.router.add_get("/v1/watch", watch, allow_head=False)
-    app.router.add_get("/v1/status", status, allow_head=False)
-    app.router.add_get("/healthz", healthz, allow_head=False)
-    app.router.add_get("/readyz", readyz, allow_head=False)
-    return app
+ROUTES: dict[str, dict[str, Handler]] = {
+    "/v1/secrets": {"GET": get_secret},
+    "/v1/secrets:batch": {"POST": batch},
+    "/v1/refresh": {"POST": refresh},
+    "/v1/watch": {"GET": watch},
+    "/v1/status": {"GET": status},
+    "/healthz": {"GET": healthz},
+    "/readyz": {"GET": readyz},
+}
+
+
+def build_server(state: State) -> web.Server:
+    """The socket API as aiohttp's low-level server (request bodies up to ``MAX_BODY``)."""
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        return await _guard(state, request)
+
+    return web.Server(handle, access_log=None)
 
 
 def build_metrics_app(metrics: Metrics, before_scrape: Callable[[], None]) -> web.Application:

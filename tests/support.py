@@ -49,7 +49,7 @@ def make_resolver(
         clock=clock or ManualClock(),
         schedule=schedule or Schedule(),
         jitter=jitter,
-        observe=lambda result: metrics.cache_lookups.labels(result.value).inc(),
+        observe=lambda result: metrics.count_lookup(result.value),
     )
     registry = VaultRegistry(vaults, environ={} if environ is None else environ, limits=limits)
     return Resolver(registry, store, defaults, metrics)

@@ -84,6 +84,8 @@ class Fetched:
 
     value: str = field(repr=False)
     version: str | None = None
+    # JSON keys already read out of ``value`` (the resolver's memo: one parse per value)
+    keys: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
 
 @runtime_checkable

@@ -91,22 +91,43 @@ async def test_metrics_can_be_disabled(make_daemon: MakeDaemon) -> None:
     raise AssertionError("metrics answered although disabled")
 
 
-async def test_one_log_line_per_request_and_backend_call_and_an_audit_event(
-    daemon: Daemon,
-) -> None:
-    """Each read logs the request, the backend call and an audit event naming the peer."""
-    await daemon.get("{vault://env/db-password}")
+async def test_request_lines_and_audit_events(make_daemon: MakeDaemon) -> None:
+    """With ``log.requests: all`` each request has a line (vault, cache outcome); the
+    backend call has one. The audit trail logs a peer's first read of a reference at
+    once and counts repeat reads into one event per interval (``log.audit_interval``)."""
+    config = {"log": {"requests": "all", "audit_interval": 0.3}}
+    daemon = await make_daemon(config).started()
+    for _ in range(4):
+        await daemon.get("{vault://env/db-password}")
+    await asyncio.sleep(0.8)  # past an audit flush
     events = daemon.log_events()
-    by_event = {e["event"]: e for e in events}
     request = [e for e in events if e["event"] == "request" and e["endpoint"] == "/v1/secrets"]
-    assert len(request) == 1
-    assert request[0]["status"] == 200
-    assert (request[0]["vault"], request[0]["cache"]) == ("env", "miss")
-    assert by_event["backend.call"]["outcome"] == "ok"
-    audit = by_event["secret.read"]
-    assert audit["ref"] == "{vault://env/db-password}"
-    assert isinstance(audit["uid"], int)
-    assert isinstance(audit["pid"], int)
+    assert [(r["status"], r["vault"], r["cache"]) for r in request] == [
+        (200, "env", "miss"),
+        *[(200, "env", "hit")] * 3,
+    ]
+    assert [e["outcome"] for e in events if e["event"] == "backend.call"] == ["ok"]
+    audit = [e for e in events if e["event"] == "secret.read"]
+    assert [(a["outcome"], a["count"]) for a in audit] == [("miss", 1), ("hit", 3)]
+    assert {a["ref"] for a in audit} == {"{vault://env/db-password}"}
+    assert all(isinstance(a["uid"], int) and isinstance(a["pid"], int) for a in audit)
+
+
+async def test_by_default_only_errors_have_request_lines_and_denials_are_audited_at_once(
+    make_daemon: MakeDaemon,
+) -> None:
+    """A cached read costs no log line by default; an error still has its request line,
+    and every failed read its own audit event, however many."""
+    daemon = await make_daemon().started()
+    for _ in range(3):
+        await daemon.get("{vault://env/db-password}")
+        await daemon.get("{vault://env/not-there}")
+    events = daemon.log_events()
+    request = [e for e in events if e["event"] == "request"]
+    assert [(r["status"], r["cache"]) for r in request] == [(404, "not_found")] * 3
+    audit = [(a["ref"], a["outcome"]) for a in events if a["event"] == "secret.read"]
+    assert audit.count(("{vault://env/not-there}", "not_found")) == 3
+    assert audit.count(("{vault://env/db-password}", "miss")) == 1  # then only counted
 
 
 async def _every_path(daemon: Daemon) -> list[Any]:

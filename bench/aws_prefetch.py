@@ -1,6 +1,6 @@
 """Measure: backend calls and wall time to prefetch 1000 AWS secrets against moto.
 
-Run with ``.venv/bin/python -m tests.backends.measure_aws_prefetch``. Not a test:
+Run with ``.venv/bin/python -m bench.aws_prefetch``. Not a test:
 the numbers depend on the machine. Three runs on fresh resolvers: batched through
 the counting proxy, batched straight to moto (no proxy hop), and with
 BatchGetSecretValue refused so every secret costs one GetSecretValue.

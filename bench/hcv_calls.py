@@ -1,6 +1,6 @@
 """How many Vault calls (reads plus auth) a steady state of 100 secrets with ttl 60 makes.
 
-Run: ``.venv/bin/python -m tests.backends.measure_hcv_calls``. The real resolver,
+Run: ``.venv/bin/python -m bench.hcv_calls``. The real resolver,
 cache and hcv backend talk to the test Vault server over HTTP; one manual timeline
 drives the cache, the server's token TTLs and the backend's renewal task, so ten
 simulated minutes take well under a second. Each minute resolves the 100

@@ -1,0 +1,340 @@
+"""Cached reads over the Unix socket: the daemon side by side with the floor, in one run.
+
+The floor (``bench.floor``) and the daemon serve the same secrets (the env backend,
+all prefetched); ``h2load --h1 -m 1`` drives each in turn with keep-alive
+connections (floor, daemon, floor, daemon... for every run and concurrency), the
+server pinned to core 0 and the load to core 1 where there are two. Per request
+latencies come from h2load's log; each figure is the median of the runs, with the
+min-max. Ratios are daemon/floor. Nothing here asserts a timing.
+
+    python -m bench.http                  # make bench: 3 runs, c = 1, 16, 64
+    python -m bench.http --quick          # make bench-quick: 1 short run at c = 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from bench.workload import keyed_refs, path, plain_refs, secrets_env
+
+SECRETS = 1000
+BATCH = 10
+RESULTS = Path(__file__).parent / "results"
+SERVER_CORE, LOAD_CORE = 0, 1
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    uris: list[str]  # paths; h2load takes them in turn
+    body: dict[str, Any] | None = None  # POSTed (batch)
+    refs_per_request: int = 1
+
+
+def workloads() -> list[Workload]:
+    plain = plain_refs(SECRETS)
+    return [
+        Workload("single", [path(r) for r in plain]),
+        Workload("keyed", [path(r) for r in keyed_refs()]),
+        Workload("batch", ["/v1/secrets:batch"], {"refs": plain[:BATCH]}, BATCH),
+    ]
+
+
+@dataclass(frozen=True)
+class Sample:
+    server: str  # "floor" or "daemon"
+    workload: str
+    concurrency: int
+    run: int
+    requests_per_second: float
+    refs_per_second: float
+    p50_ms: float
+    p99_ms: float
+    p999_ms: float
+    failed: int
+
+
+def _pinned(core: int) -> list[str]:
+    """``taskset -c core`` where there is more than one core to keep apart."""
+    if (os.cpu_count() or 1) > 1 and shutil.which("taskset"):
+        return ["taskset", "-c", str(core)]
+    return []
+
+
+@contextmanager
+def _server(kind: str, work: Path, env: dict[str, str]) -> Iterator[tuple[Path, int, float]]:
+    """Start the floor or the daemon; yield its socket, pid and exec -> ready seconds."""
+    socket_path = work / f"{kind}.sock"
+    if kind == "floor":
+        command = [sys.executable, "-m", "bench.floor", "--socket", str(socket_path),
+                   "--secrets", str(SECRETS)]  # fmt: skip
+    else:
+        config = {
+            "listen": {"socket": str(socket_path), "max_concurrent_requests": 4096},
+            "metrics": {"address": ""},
+            "prefetch": [*plain_refs(SECRETS), *keyed_refs()],
+            "limits": {"rate": 1e9, "burst": 10**6},
+        }
+        (work / "daemon.yaml").write_text(yaml.safe_dump(config))
+        command = [sys.executable, "-m", "sidecar", "run", "-c", str(work / "daemon.yaml")]
+    log = (work / f"{kind}.log").open("ab")
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        [*_pinned(SERVER_CORE), *command],
+        env={**os.environ, **env},
+        stdout=log,
+        stderr=log,
+        cwd=Path(__file__).parent.parent,
+    )
+    try:
+        ready = asyncio.run(_ready(socket_path, kind, process)) - started
+        yield socket_path, process.pid, ready
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+        log.close()
+
+
+async def _ready(socket_path: Path, kind: str, process: subprocess.Popen[bytes]) -> float:
+    probe = "/readyz" if kind == "daemon" else path(plain_refs(1)[0])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{kind} exited {process.returncode}")
+        if socket_path.exists():
+            try:
+                connector = aiohttp.UnixConnector(path=str(socket_path))
+                async with (
+                    aiohttp.ClientSession(connector=connector) as session,
+                    session.get(f"http://bench{probe}") as response,
+                ):
+                    if response.status == 200:
+                        return time.perf_counter()
+            except aiohttp.ClientError:
+                pass
+        await asyncio.sleep(0.005)
+    raise RuntimeError(f"{kind} not ready within 60 s")
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _h2load(
+    socket_path: Path, load: Workload, concurrency: int, duration: float, work: Path
+) -> tuple[float, list[float], int]:
+    """req/s, per-request latencies in ms, failed requests."""
+    uris = work / f"{load.name}.uris"
+    uris.write_text("".join(f"http://bench{u}\n" for u in load.uris))
+    log = work / "h2load.log"
+    log.unlink(missing_ok=True)
+    command = [*_pinned(LOAD_CORE), "h2load", "--h1", "-m", "1", "-t", "1",
+               "-c", str(concurrency), "-D", f"{duration:g}", "--warm-up-time", "1",
+               "-B", f"unix:{socket_path}", "-i", str(uris), "--log-file", str(log)]  # fmt: skip
+    if load.body is not None:
+        body = work / f"{load.name}.json"
+        body.write_text(json.dumps(load.body))
+        command += ["-d", str(body), "-H", "Content-Type: application/json"]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=duration + 60, check=False
+    )
+    out = done.stdout
+    if done.returncode != 0:
+        raise RuntimeError(f"h2load failed ({done.returncode}): {done.stderr or out}")
+    found = re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", out)
+    failed = re.search(r"(\d+) failed, (\d+) errored", out)
+    if found is None or failed is None:
+        raise RuntimeError(f"unexpected h2load output:\n{out}")
+    latencies = []
+    for line in log.read_text().splitlines():
+        _, _, micros = line.split("\t")  # start, status, microseconds
+        latencies.append(int(micros) / 1000)
+    return float(found.group(1)), latencies, int(failed.group(1)) + int(failed.group(2))
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def measure(
+    runs: int, concurrencies: list[int], duration: float, names: list[str]
+) -> dict[str, Any]:
+    env = secrets_env(SECRETS)
+    chosen = [w for w in workloads() if w.name in names]
+    samples: list[Sample] = []
+    facts: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        work = Path(tmp)
+        with (
+            _server("floor", work, env) as (floor_socket, _, _),
+            _server("daemon", work, env) as (daemon_socket, daemon_pid, ready),
+        ):
+            facts["daemon_exec_to_ready_seconds"] = round(ready, 3)
+            facts["daemon_rss_mib_before"] = round(rss_mib(daemon_pid), 1)
+            for run in range(runs):
+                for load in chosen:
+                    for c in concurrencies:
+                        for server, sock in (("floor", floor_socket), ("daemon", daemon_socket)):
+                            rps, latencies, failed = _h2load(sock, load, c, duration, work)
+                            samples.append(Sample(
+                                server, load.name, c, run, rps, rps * load.refs_per_request,
+                                _percentile(latencies, 0.5), _percentile(latencies, 0.99),
+                                _percentile(latencies, 0.999), failed,
+                            ))  # fmt: skip
+                            print(f"run {run + 1}/{runs} {load.name:6} c={c:<3} {server:6}"
+                                  f" {rps:10.0f} req/s  p99 {samples[-1].p99_ms:.3f} ms"
+                                  f"  failed {failed}", flush=True)  # fmt: skip
+            facts["daemon_rss_mib_after"] = round(rss_mib(daemon_pid), 1)
+    return {"samples": [asdict(s) for s in samples], "facts": facts, "machine": machine()}
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    command = ["h2load", "--version"]
+    h2load = subprocess.run(command, capture_output=True, text=True, check=False).stdout
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "kernel": platform.release(), "h2load": h2load.strip()}  # fmt: skip
+
+
+def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per workload and concurrency: medians (and min-max) per server, daemon/floor ratio."""
+    rows = []
+    samples = [Sample(**s) for s in result["samples"]]
+    keys = sorted({(s.workload, s.concurrency) for s in samples}, key=lambda k: (k[0], k[1]))
+    for workload, c in keys:
+        row: dict[str, Any] = {"workload": workload, "concurrency": c}
+        for server in ("floor", "daemon"):
+            mine = [s for s in samples if (s.server, s.workload, s.concurrency) ==
+                    (server, workload, c)]  # fmt: skip
+            refs = [s.refs_per_second for s in mine]
+            row[server] = {
+                "refs_per_second": statistics.median(refs),
+                "refs_per_second_range": [min(refs), max(refs)],
+                "p50_ms": statistics.median(s.p50_ms for s in mine),
+                "p99_ms": statistics.median(s.p99_ms for s in mine),
+                "p999_ms": statistics.median(s.p999_ms for s in mine),
+                "failed": sum(s.failed for s in mine),
+            }
+        row["ratio"] = row["daemon"]["refs_per_second"] / row["floor"]["refs_per_second"]
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], result: dict[str, Any], runs: int) -> str:
+    m, f = result["machine"], result["facts"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, {m['h2load']};"
+        f" server on core {SERVER_CORE}, h2load on core {LOAD_CORE}; medians of {runs} run(s)"
+        " (min-max).",
+        "",
+        "| workload | c | floor refs/s | daemon refs/s | daemon/floor | daemon p50 / p99 /"
+        " p99.9 ms | floor p50 / p99 ms | failed |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        fl, d = row["floor"], row["daemon"]
+        lo, hi = d["refs_per_second_range"]
+        lines.append(
+            f"| {row['workload']} | {row['concurrency']} | {fl['refs_per_second']:,.0f}"
+            f" | {d['refs_per_second']:,.0f} ({lo:,.0f}-{hi:,.0f}) | {row['ratio']:.3f}x"
+            f" | {d['p50_ms']:.2f} / {d['p99_ms']:.2f} / {d['p999_ms']:.2f}"
+            f" | {fl['p50_ms']:.2f} / {fl['p99_ms']:.2f} | {d['failed'] + fl['failed']} |"
+        )
+    lines += ["", f"Daemon exec -> ready with {SECRETS + 100} prefetched: "
+              f"{f['daemon_exec_to_ready_seconds']} s; RSS {f['daemon_rss_mib_before']} MiB"
+              f" before the load, {f['daemon_rss_mib_after']} MiB after."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], target: Path) -> bool:
+    """req/s and p99 against concurrency, daemon and floor; False without matplotlib."""
+    try:
+        import matplotlib  # noqa: PLC0415 - only make bench installs it
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError:
+        return False
+    figure, (rate, tail) = plt.subplots(1, 2, figsize=(11, 4))
+    for workload in sorted({r["workload"] for r in rows}):
+        mine = [r for r in rows if r["workload"] == workload]
+        xs = [r["concurrency"] for r in mine]
+        for server, style in (("daemon", "-o"), ("floor", "--s")):
+            rate.plot(xs, [r[server]["refs_per_second"] for r in mine], style,
+                      label=f"{workload} {server}")  # fmt: skip
+            tail.plot(xs, [r[server]["p99_ms"] for r in mine], style,
+                      label=f"{workload} {server}")  # fmt: skip
+    for axes, label in ((rate, "refs/s"), (tail, "p99 latency, ms")):
+        axes.set_xscale("log", base=2)
+        axes.set_xlabel("concurrent connections")
+        axes.set_ylabel(label)
+        axes.grid(True, alpha=0.3)
+    rate.set_yscale("log")
+    rate.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(target, dpi=120)
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 run of 2 s at c = 16")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--workloads", nargs="+", default=[w.name for w in workloads()])
+    parser.add_argument("--save", action="store_true", help="write bench/results/<date>.*")
+    args = parser.parse_args()
+    if shutil.which("h2load") is None:
+        sys.exit("h2load not found: apt-get install nghttp2-client")
+    if args.quick:
+        args.runs, args.duration, args.concurrency = 1, 2.0, [16]
+    result = measure(args.runs, args.concurrency, args.duration, args.workloads)
+    rows = summarize(result)
+    table = markdown(rows, result, args.runs)
+    print("\n" + table)
+    if args.save:
+        RESULTS.mkdir(exist_ok=True)
+        stem = RESULTS / datetime.now(UTC).strftime("%Y-%m-%d")
+        stem.with_suffix(".json").write_text(json.dumps({**result, "summary": rows}, indent=1))
+        stem.with_suffix(".md").write_text(table)
+        if plot(rows, stem.with_suffix(".png")):
+            print(f"wrote {stem}.json, .md and .png")
+        else:
+            print(f"wrote {stem}.json and .md (no matplotlib: no plot)")
+
+
+if __name__ == "__main__":
+    main()
