@@ -150,14 +150,11 @@ async def _get(ref: str, socket_path: Path) -> int:
 
 
 def _one_shot_resolver(config: Config) -> Resolver:
-    from sidecar.cache import Cache  # noqa: PLC0415
+    from sidecar.assembly import build_resolver  # noqa: PLC0415 - keeps `get` light
+    from sidecar.cache import Schedule  # noqa: PLC0415
     from sidecar.metrics import Metrics  # noqa: PLC0415
-    from sidecar.resolver import Resolver  # noqa: PLC0415
-    from sidecar.vaults import VaultRegistry  # noqa: PLC0415
 
-    cache = Cache(max_entries=config.cache.max_entries)
-    vaults = VaultRegistry(config.vaults, limits=config.limits)
-    return Resolver(vaults, cache, config.cache, Metrics())
+    return build_resolver(config, Metrics(), schedule=Schedule(refresh=False))
 
 
 async def _resolve(config: Config, ref: str) -> int:

@@ -26,8 +26,9 @@ from aiohttp import web
 from sidecar import logging as sidecar_logging
 from sidecar import unix_socket
 from sidecar.access import AccessPolicy, check_rules_enforceable
+from sidecar.assembly import build_resolver, schedule_of
 from sidecar.audit import AuditTrail
-from sidecar.cache import Cache, Change, Entry, Health, Schedule, SecretKey
+from sidecar.cache import Change, Entry, Health, SecretKey
 from sidecar.config import Config
 from sidecar.connections import GuardedSite
 from sidecar.errors import ConfigError, SidecarError, StartupError
@@ -53,16 +54,8 @@ class Daemon:
         self.config = config
         self.metrics = metrics
         self.events = EventBus()
-        self.cache = Cache(
-            max_entries=config.cache.max_entries,
-            clock=clock,
-            schedule=_schedule(config),
-            observe=lambda result: metrics.count_lookup(result.value),
-            on_change=self._changed,
-        )
-        resolver = Resolver(
-            VaultRegistry(config.vaults, limits=config.limits), self.cache, config.cache, metrics
-        )
+        resolver = build_resolver(config, metrics, clock=clock, on_change=self._changed)
+        self.cache = resolver.cache
         self.state = State(
             resolver,
             AccessPolicy(config.clients),
@@ -187,7 +180,7 @@ class Daemon:
         generations = {vault.generation for vault in retired}
         dropped = self.cache.retire(generations)
         self.cache.resize(config.cache.max_entries)
-        self.cache.schedule = _schedule(config)
+        self.cache.schedule = schedule_of(config)
         self.refresher = Refresher(lambda: self.state.resolver, self.cache, config.refresh.idle_ttl)
         self.state.resolver = Resolver(vaults, self.cache, config.cache, self.metrics)
         self.state.access = AccessPolicy(config.clients)
@@ -243,10 +236,6 @@ class Daemon:
         if self.scrape is not None:
             await self.scrape.cleanup()
 
-
-def _schedule(config: Config) -> Schedule:
-    refresh = config.refresh
-    return Schedule(window=refresh.window, max_backoff=refresh.max_backoff, refresh=refresh.enabled)
 
 
 async def _start_metrics(daemon: Daemon, config: Config) -> web.AppRunner | None:

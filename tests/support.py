@@ -7,11 +7,11 @@ import asyncio
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from sidecar.cache import Cache, Schedule
-from sidecar.config import CacheConfig, LimitsConfig, VaultEntity
+from sidecar.assembly import build_resolver
+from sidecar.cache import Schedule
+from sidecar.config import CacheConfig, Config, LimitsConfig, VaultEntity
 from sidecar.metrics import Metrics
 from sidecar.resolver import Resolver
-from sidecar.vaults import VaultRegistry
 
 
 class ManualClock:
@@ -43,16 +43,15 @@ def make_resolver(
     Jitter is pinned at its maximum (refresh at 90 % of ttl, full backoffs) unless given.
     """
     defaults = CacheConfig(**{"retry_backoff": 0.001, "retry_backoff_max": 0.01, **cache})
-    metrics = metrics or Metrics()
-    store = Cache(
-        max_entries=defaults.max_entries,
+    config = Config(vaults=vaults, cache=defaults, limits=limits or LimitsConfig())
+    return build_resolver(
+        config,
+        metrics or Metrics(),
         clock=clock or ManualClock(),
-        schedule=schedule or Schedule(),
         jitter=jitter,
-        observe=lambda result: metrics.count_lookup(result.value),
+        environ={} if environ is None else environ,
+        schedule=schedule or Schedule(),
     )
-    registry = VaultRegistry(vaults, environ={} if environ is None else environ, limits=limits)
-    return Resolver(registry, store, defaults, metrics)
 
 
 class Listener:
