@@ -1,6 +1,7 @@
 """The ``hcv`` backend's clients and token lifecycle: login, renewal, re-login.
 
-Split from ``hcv`` so the read path stays small. One ``Session`` per effective
+Split from the read path (``backend``) so it stays small; imports point one way:
+backend -> auth -> settings. One ``Session`` per effective
 (address, namespace, auth, TLS) config holds one authenticated hvac client. Its
 token is renewed at about two thirds of its TTL by a task the session owns; a
 failed renewal, a token near its max TTL or a 403 on a read with a dead token
@@ -15,13 +16,14 @@ import math
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import hvac
 import requests
 from hvac import exceptions as hvac_exc
 from requests.adapters import HTTPAdapter
 
+from sidecar.backends.hcv.settings import HcvSettings
 from sidecar.errors import (
     AccessDenied,
     BackendError,
@@ -32,9 +34,6 @@ from sidecar.errors import (
     Unrecognised,
 )
 from sidecar.logging import get_logger
-
-if TYPE_CHECKING:
-    from sidecar.backends.hcv import HcvSettings
 
 log = get_logger("sidecar.backends.hcv")
 T = TypeVar("T")
