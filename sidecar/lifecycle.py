@@ -237,7 +237,6 @@ class Daemon:
             await self.scrape.cleanup()
 
 
-
 async def _start_metrics(daemon: Daemon, config: Config) -> web.AppRunner | None:
     address = config.metrics.host_port
     if address is None:

@@ -366,6 +366,28 @@ class Resolver:
             version = str(reference.version)
         return Answer(text, value, version, lookup)
 
+    async def _retried(self, call: Callable[[], Awaitable[T]]) -> T:
+        """The call, and after a transient failure up to ``backend_retries`` more with
+        exponential backoff and full jitter (tenacity). The first attempt runs without
+        tenacity: building a retry loop costs more than a cached backend call, and most
+        calls succeed at once; the first retry follows immediately, later ones back off."""
+        d = self.defaults
+        try:
+            return await call()
+        except BackendFailure as exc:
+            if not exc.transient or d.backend_retries == 0:
+                raise
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(lambda exc: isinstance(exc, BackendFailure) and exc.transient),
+            stop=stop_after_attempt(d.backend_retries),
+            wait=wait_random_exponential(multiplier=d.retry_backoff, max=d.retry_backoff_max),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                return await call()
+        raise AssertionError("tenacity re-raises the last failure")  # pragma: no cover
+
     def _first_sighting(self, vault: Vault, failure: Unrecognised) -> None:
         """One warning per vault and kind of unrecognised failure (then only the metric)."""
         if (vault.prefix, failure.kind) not in self._unrecognised:
@@ -387,22 +409,13 @@ class Resolver:
         Transient failures are retried here, with exponential backoff and full
         jitter, so backends make single attempts and retry policy lives in one place.
         """
-        d = self.defaults
-        timeout = d.backend_timeout
-        retrying = AsyncRetrying(
-            retry=retry_if_exception(lambda exc: isinstance(exc, BackendFailure) and exc.transient),
-            stop=stop_after_attempt(1 + d.backend_retries),
-            wait=wait_random_exponential(multiplier=d.retry_backoff, max=d.retry_backoff_max),
-            reraise=True,
-        )
+        timeout = self.defaults.backend_timeout
         started = time.perf_counter()
         outcome = "ok"
         try:
             async with asyncio.timeout(timeout):
                 await vault.ensure_started()
-                async for attempt in retrying:
-                    with attempt:
-                        result = await call()
+                result = await self._retried(call)
         except TimeoutError:
             outcome = "backend_timeout"
             raise BackendTimeout(

@@ -213,12 +213,15 @@ def _timestamp(event: dict[str, Any]) -> float | None:
 def _request_line(following: list[str]) -> str:
     """Which request a failure line was about: the next ``request`` line, if close."""
     for line in following[:8]:
-        if '"event": "request"' in line:
+        if '"request"' in line:
             try:
                 event = json.loads(line)
             except ValueError:
                 return ""
-            return f" (then: {event.get('method')} {event.get('endpoint')} {event.get('status')})"
+            if event.get("event") == "request":
+                return (
+                    f" (then: {event.get('method')} {event.get('endpoint')} {event.get('status')})"
+                )
     return ""
 
 

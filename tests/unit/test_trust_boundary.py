@@ -8,17 +8,22 @@ tests/integration/test_trust_boundary.py.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from sidecar import server
+from sidecar.access import Peer
 from sidecar.backends.base import Fetched
 from sidecar.backends.hcv import HcvSettings
 from sidecar.cache import Lookup, LookupResult, SecretKey
 from sidecar.config import VaultEntity, load_config, parse_config
 from sidecar.errors import ConfigError, Forbidden, InvalidReference
+from sidecar.lifecycle import Daemon
+from sidecar.metrics import Metrics
 from sidecar.resolver import Answer
 from sidecar.vaults import MAX_QUERY_VARIANTS, VaultRegistry
 from tests.support import Listener, make_resolver
@@ -255,3 +260,24 @@ def test_socket_path_length_is_checked_at_load() -> None:
     with pytest.raises(ConfigError, match="a Unix socket path has at most 107"):
         parse_config({"listen": {"socket": "/tmp/" + "x" * 120}})
     assert parse_config({"listen": {"socket": "/" + "x" * 106}}).listen.socket
+
+
+async def test_a_memoized_binding_still_checks_each_peers_access(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The resolver remembers a reference's binding after the first read; a second peer
+    outside the globs still gets 403 for the same text, served from the memo or not."""
+    monkeypatch.setenv("DB_PASSWORD", "pw")
+    config = parse_config({"metrics": {"address": ""},
+                           "clients": [{"uid": 1000, "allow": ["env/*"]}]})  # fmt: skip
+    daemon = Daemon(config, Metrics(), time.monotonic)
+    ref = "{vault://env/db-password}"
+    allowed, other = Peer(1, 1000, 1000), Peer(2, 2000, 2000)
+    assert (await server._read(daemon.state, allowed, ref)).value == "pw"
+    assert daemon.state.resolver.bound(ref) is not None  # memoized
+    for _ in range(2):
+        with pytest.raises(Forbidden):
+            await server._read(daemon.state, other, ref)
+        with pytest.raises(Forbidden):
+            server._read_now(daemon.state, other, ref)
+    assert (await server._read(daemon.state, allowed, ref)).value == "pw"
