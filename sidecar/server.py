@@ -40,7 +40,7 @@ from sidecar.watch import END, Event, EventBus
 log = get_logger("sidecar.server")
 audit = get_logger("sidecar.audit")  # watch subscriptions; reads go through State.audit
 
-MAX_BODY = 1024 * 1024
+MAX_BODY = 1024 * 1024  # = BaseRequest.client_max_size, which the low-level server applies
 MAX_BATCH = 1000
 MAX_REFERENCE = 4096
 # Answer even when saturated; watch streams are long-lived and limited by max_watchers.
