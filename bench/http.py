@@ -21,11 +21,13 @@ import os
 import platform
 import re
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -83,7 +85,13 @@ def _pinned(core: int) -> list[str]:
 
 
 @contextmanager
-def _server(kind: str, work: Path, env: dict[str, str]) -> Iterator[tuple[Path, int, float]]:
+def _server(
+    kind: str,
+    work: Path,
+    env: dict[str, str],
+    prefetch: list[str] | None = None,
+    metrics_port: int | None = None,
+) -> Iterator[tuple[Path, int, float]]:
     """Start the floor or the daemon; yield its socket, pid and exec -> ready seconds."""
     socket_path = work / f"{kind}.sock"
     if kind == "floor":
@@ -91,10 +99,15 @@ def _server(kind: str, work: Path, env: dict[str, str]) -> Iterator[tuple[Path, 
                    "--secrets", str(SECRETS)]  # fmt: skip
     else:
         config = {
-            "listen": {"socket": str(socket_path), "max_concurrent_requests": 4096},
-            "metrics": {"address": ""},
-            "prefetch": [*plain_refs(SECRETS), *keyed_refs()],
+            "listen": {
+                "socket": str(socket_path),
+                "max_concurrent_requests": 4096,
+                "max_connections": 4096,
+            },
+            "metrics": {"address": f"127.0.0.1:{metrics_port}" if metrics_port else ""},
+            "prefetch": [*plain_refs(SECRETS), *keyed_refs()] if prefetch is None else prefetch,
             "limits": {"rate": 1e9, "burst": 10**6},
+            "cache": {"max_entries": 200_000},
         }
         (work / "daemon.yaml").write_text(yaml.safe_dump(config))
         command = [sys.executable, "-m", "sidecar", "run", "-c", str(work / "daemon.yaml")]
@@ -112,8 +125,72 @@ def _server(kind: str, work: Path, env: dict[str, str]) -> Iterator[tuple[Path, 
         yield socket_path, process.pid, ready
     finally:
         process.terminate()
-        process.wait(timeout=20)
+        process.wait(timeout=60)
         log.close()
+
+
+def lifecycle(sizes: list[int]) -> dict[str, Any]:
+    """exec -> ready and RSS with 0, 10k (and 100k) prefetched secrets, one daemon each."""
+    facts: dict[str, Any] = {}
+    for size in sizes:
+        env = {f"BENCH_{i}": f"value-{i}-" + "x" * 24 for i in range(size)}
+        with (
+            tempfile.TemporaryDirectory(prefix="bench-") as tmp,
+            _server("daemon", Path(tmp), env, prefetch=plain_refs(size)) as (_, pid, ready),
+        ):
+            facts[str(size)] = {"exec_to_ready_seconds": round(ready, 3),
+                                "rss_mib": round(rss_mib(pid), 1)}  # fmt: skip
+        print(f"prefetch {size}: exec -> ready {ready:.3f} s, RSS {facts[str(size)]['rss_mib']}"
+              " MiB", flush=True)  # fmt: skip
+    return facts
+
+
+def cold_reads(readers: int = 1000) -> dict[str, Any]:
+    """``readers`` concurrent first reads of one reference: how many backend calls."""
+    port = _free_port()
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-") as tmp,
+        _server("daemon", Path(tmp), {"BENCH_0": "v"}, prefetch=[], metrics_port=port) as (
+            socket_path,
+            _,
+            _,
+        ),
+    ):
+        statuses = asyncio.run(_concurrent_reads(socket_path, readers))
+        calls = asyncio.run(_backend_calls(port))
+    print(f"{readers} concurrent cold reads of one ref: {calls:.0f} backend call(s),"
+          f" statuses {dict(statuses)}", flush=True)  # fmt: skip
+    return {"readers": readers, "backend_calls": calls, "statuses": dict(statuses)}
+
+
+async def _concurrent_reads(socket_path: Path, readers: int) -> Counter[int]:
+    connector = aiohttp.UnixConnector(path=str(socket_path), limit=readers)
+    url = f"http://bench{path(plain_refs(1)[0])}"
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def read() -> int:
+            async with session.get(url) as response:
+                await response.read()
+                return response.status
+
+        return Counter(await asyncio.gather(*(read() for _ in range(readers))))
+
+
+async def _backend_calls(port: int) -> float:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/metrics") as response,
+    ):
+        text = await response.text()
+    found = re.search(r'secret_sidecar_backend_calls_total\{[^}]*outcome="ok"[^}]*\} (\S+)', text)
+    return float(found.group(1)) if found else 0.0
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 async def _ready(socket_path: Path, kind: str, process: subprocess.Popen[bytes]) -> float:
@@ -275,6 +352,13 @@ def markdown(rows: list[dict[str, Any]], result: dict[str, Any], runs: int) -> s
     lines += ["", f"Daemon exec -> ready with {SECRETS + 100} prefetched: "
               f"{f['daemon_exec_to_ready_seconds']} s; RSS {f['daemon_rss_mib_before']} MiB"
               f" before the load, {f['daemon_rss_mib_after']} MiB after."]  # fmt: skip
+    cold = f.get("cold_reads")
+    if cold:
+        lines.append(f"{cold['readers']} concurrent cold reads of one reference:"
+                     f" {cold['backend_calls']:.0f} backend call(s).")  # fmt: skip
+    for size, fact in f.get("prefetch", {}).items():
+        lines.append(f"{int(size):,} prefetched: exec -> ready {fact['exec_to_ready_seconds']} s,"
+                     f" RSS {fact['rss_mib']} MiB.")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -322,6 +406,9 @@ def main() -> None:
     if args.quick:
         args.runs, args.duration, args.concurrency = 1, 2.0, [16]
     result = measure(args.runs, args.concurrency, args.duration, args.workloads)
+    result["facts"]["cold_reads"] = cold_reads()
+    if not args.quick:
+        result["facts"]["prefetch"] = lifecycle([0, 10_000, 100_000])
     rows = summarize(result)
     table = markdown(rows, result, args.runs)
     print("\n" + table)

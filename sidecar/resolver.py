@@ -121,6 +121,7 @@ class Resolver:
         self.metrics = metrics
         self._unrecognised: set[tuple[str, str]] = set()
         self._bound: dict[str, Target] = {}  # reference text -> its target (this config's)
+        self._policies: dict[VaultSettings, Policy] = {}  # bounded by the vaults' variants
 
     def target(self, text: str) -> Target:
         """Parse and bind a reference; raises ``InvalidReference`` or ``UnknownVault``."""
@@ -154,14 +155,20 @@ class Resolver:
         return target
 
     def policy(self, settings: VaultSettings) -> Policy:
-        d = self.defaults
-        return Policy(
-            ttl=settings.ttl if settings.ttl is not None else d.ttl,
-            neg_ttl=settings.neg_ttl if settings.neg_ttl is not None else d.neg_ttl,
-            resurrect_ttl=(
-                settings.resurrect_ttl if settings.resurrect_ttl is not None else d.resurrect_ttl
-            ),
-        )
+        """The vault's (or query's) timing over the ``cache:`` defaults; one per settings."""
+        policy = self._policies.get(settings)
+        if policy is None:
+            d = self.defaults
+            policy = self._policies[settings] = Policy(
+                ttl=settings.ttl if settings.ttl is not None else d.ttl,
+                neg_ttl=settings.neg_ttl if settings.neg_ttl is not None else d.neg_ttl,
+                resurrect_ttl=(
+                    settings.resurrect_ttl
+                    if settings.resurrect_ttl is not None
+                    else d.resurrect_ttl
+                ),
+            )
+        return policy
 
     def cached(self, text: str, target: Target) -> Answer | None:
         """The answer from a fresh cached value, without awaiting; None if it needs a load."""

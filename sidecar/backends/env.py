@@ -9,12 +9,12 @@ into a way to read what the sidecar exists to keep to itself.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from pydantic import Field
 
 from sidecar.backends.base import BackendKind, Fetched, VaultSettings
-from sidecar.errors import Forbidden, SecretNotFound
+from sidecar.errors import BackendFailure, Forbidden, SecretNotFound
 
 # Variables read as credentials or credential locations by the sidecar or its SDKs.
 RESERVED_PREFIXES = (
@@ -60,6 +60,21 @@ class EnvBackend:
         return None
 
     async def fetch(self, secret_id: str, version: int | None, settings: EnvSettings) -> Fetched:
+        return self._read(secret_id, version, settings)
+
+    async def fetch_many(
+        self, items: Sequence[tuple[str, int | None]], settings: EnvSettings
+    ) -> list[Fetched | BackendFailure]:
+        """All at once: one call, one metric and one log line for a prefetch of thousands."""
+        results: list[Fetched | BackendFailure] = []
+        for secret_id, version in items:
+            try:
+                results.append(self._read(secret_id, version, settings))
+            except SecretNotFound as exc:
+                results.append(exc)
+        return results
+
+    def _read(self, secret_id: str, version: int | None, settings: EnvSettings) -> Fetched:
         name = variable_name(secret_id, version, settings.prefix)
         value = self._environ.get(name)
         if value is None:
