@@ -16,9 +16,9 @@ import contextlib
 import time
 
 from sidecar import logging as sidecar_logging
-from sidecar.cache import Schedule
 from sidecar.config import VaultEntity
 from sidecar.errors import BackendFailure
+from sidecar.schedule import Schedule
 from tests.backends.vault_server import FakeVault
 from tests.support import make_resolver
 

@@ -10,10 +10,11 @@ import random
 import time
 from collections.abc import Callable, Mapping
 
-from sidecar.cache import Cache, Change, Entry, Schedule, SecretKey
+from sidecar.cache import Cache, Change, Entry, SecretKey
 from sidecar.config import Config
 from sidecar.metrics import Metrics
 from sidecar.resolver import Resolver
+from sidecar.schedule import Schedule
 from sidecar.vaults import VaultRegistry
 
 OnChange = Callable[[SecretKey, Change, Entry], None]

@@ -24,21 +24,18 @@ import asyncio
 import contextlib
 import copy
 import enum
-import itertools
 import random
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Iterator
 from dataclasses import dataclass, field
 
-from sortedcontainers import SortedList
-
 from sidecar.backends.base import Fetched, VaultSettings
 from sidecar.errors import BackendFailure, FailureClass
+from sidecar.schedule import DEFAULT_SCHEDULE, NEVER, Schedule, Timetable
 
 Clock = Callable[[], float]
 Loader = Callable[[], Awaitable[Fetched]]
-NEVER = float("inf")
 BACKOFF_BASE = 1.0  # seconds before the first retry of a failed entry (before jitter)
 # A reader of an entry with nothing to serve may retry a transient failure this often,
 # whatever the backoff says: recovery after an outage takes a second, not max_backoff.
@@ -93,69 +90,6 @@ class Policy:
     resurrect_ttl: float
 
 
-@dataclass(frozen=True, slots=True)
-class Schedule:
-    """When entries are refreshed: a window of their ttl, and the retry backoff cap."""
-
-    window: tuple[float, float] = (0.75, 0.9)
-    max_backoff: float = 60.0
-    refresh: bool = True  # off: nothing is scheduled, entries reload when read after ttl
-
-    def first_fraction(self, jitter: float) -> float:
-        """Where in its ttl a new (or recovered) entry is first refreshed.
-
-        Entries loaded together (prefetch, recovery after an outage) would otherwise
-        stay together: each refresh adds only the window's spread. The first refresh is
-        drawn over a span as long as the mean refresh interval, ending where the window
-        ends, so later refreshes arrive evenly from the first cycle on.
-        """
-        low, high = self.window
-        return high - (low + high) / 2 * (1.0 - jitter)
-
-    def fraction(self, jitter: float) -> float:
-        low, high = self.window
-        return low + (high - low) * jitter
-
-
-class Timetable:
-    """When each entry is next due, ordered: one slot per entry, removed with it."""
-
-    def __init__(self) -> None:
-        self._slots = SortedList()  # (at, sequence, key); the sequence breaks ties
-        self._at: dict[SecretKey, tuple[float, int]] = {}
-        self._sequence = itertools.count()
-
-    def __len__(self) -> int:
-        return len(self._at)
-
-    def set(self, key: SecretKey, at: float) -> None:
-        self.discard(key)
-        if at != NEVER:
-            slot = (at, next(self._sequence))
-            self._at[key] = slot
-            self._slots.add((*slot, key))
-
-    def discard(self, key: SecretKey) -> None:
-        slot = self._at.pop(key, None)
-        if slot is not None:
-            self._slots.remove((*slot, key))
-
-    def pop_due(self, now: float) -> list[SecretKey]:
-        keys = []
-        while self._slots and self._slots[0][0] <= now:
-            _, _, key = self._slots.pop(0)
-            del self._at[key]
-            keys.append(key)
-        return keys
-
-    def next_due(self) -> float:
-        return self._slots[0][0] if self._slots else NEVER
-
-    def clear(self) -> None:
-        self._slots.clear()
-        self._at.clear()
-
-
 @dataclass(slots=True)
 class Entry:
     policy: Policy
@@ -205,7 +139,7 @@ class Cache:
         *,
         max_entries: int,
         clock: Clock = time.monotonic,
-        schedule: Schedule = Schedule(),
+        schedule: Schedule = DEFAULT_SCHEDULE,
         jitter: Callable[[], float] = random.random,
         observe: Callable[[LookupResult], None] = lambda result: None,
         on_change: Callable[[SecretKey, Change, Entry], None] = lambda key, change, entry: None,
@@ -218,7 +152,7 @@ class Cache:
         self.on_change = on_change
         self._entries: OrderedDict[SecretKey, Entry] = OrderedDict()
         self._loads: dict[SecretKey, asyncio.Task[Lookup]] = {}
-        self.timetable = Timetable()
+        self.timetable: Timetable[SecretKey] = Timetable()
         self._pins: dict[SecretKey, int] = {}
         self._retired: set[int] = set()  # generations of vaults a reload replaced
 

@@ -151,8 +151,8 @@ async def _get(ref: str, socket_path: Path) -> int:
 
 def _one_shot_resolver(config: Config) -> Resolver:
     from sidecar.assembly import build_resolver  # noqa: PLC0415 - keeps `get` light
-    from sidecar.cache import Schedule  # noqa: PLC0415
     from sidecar.metrics import Metrics  # noqa: PLC0415
+    from sidecar.schedule import Schedule  # noqa: PLC0415
 
     return build_resolver(config, Metrics(), schedule=Schedule(refresh=False))
 

@@ -1,46 +1,38 @@
 """Reference -> vault -> cached backend fetch -> JSON key -> answer.
 
-The only place that calls backends: it bounds each call in time, turns
-unexpected SDK exceptions into transient ``Unrecognised`` failures and records one metric and one
-log line per call, so every backend gets that for free.
+Binding (a reference's vault, settings, key and policy, remembered per text), the
+cache in front of every fetch, batching for prefetch and refresh, and the answer.
+Backend calls themselves go through ``backend_calls``; ``/v1/status`` is ``status``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 import re
-import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
 
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
-
+from sidecar.backend_calls import BackendCalls, decoded
 from sidecar.backends import BatchBackend, Fetched, VaultSettings
-from sidecar.cache import NEVER, Cache, Lookup, Policy, SecretKey
+from sidecar.cache import Cache, Lookup, Policy, SecretKey
 from sidecar.config import CacheConfig
 from sidecar.errors import (
-    BackendError,
     BackendFailure,
-    BackendTimeout,
     InvalidReference,
     SecretNotFound,
     SidecarError,
     UnknownVault,
-    Unrecognised,
 )
-from sidecar.logging import get_logger
 from sidecar.metrics import Metrics
 from sidecar.reference import Reference, parse
+from sidecar.schedule import NEVER
+from sidecar.status import vault_status
 from sidecar.vaults import Vault, VaultRegistry
 
-log = get_logger("sidecar.resolver")
 T = TypeVar("T")
 
 MAX_BOUND = 65_536  # remembered reference texts per resolver
@@ -66,17 +58,6 @@ def extract_key(value: str, key: str) -> str:
         kind = _LUA_TYPES.get(type(found), "userdata")
         raise InvalidReference(f"unexpected {kind} value in JSON secret for subfield {key}")
     return found
-
-
-def decoded(fetched: Fetched, settings: VaultSettings) -> Fetched:
-    """Apply ``base64_decode`` once, before caching, so every key reads decoded text."""
-    if not settings.base64_decode:
-        return fetched
-    try:
-        text = base64.b64decode(fetched.value, validate=True).decode("utf-8")
-    except (binascii.Error, ValueError):
-        raise BackendError("base64_decode is set but the value is not base64 of UTF-8") from None
-    return Fetched(text, fetched.version)
 
 
 @dataclass(slots=True)  # not frozen: one is made per read, and frozen init costs 3x
@@ -119,7 +100,7 @@ class Resolver:
         self.cache = cache
         self.defaults = defaults
         self.metrics = metrics
-        self._unrecognised: set[tuple[str, str]] = set()
+        self.calls = BackendCalls(defaults, metrics)
         self._bound: dict[str, Target] = {}  # reference text -> its target (this config's)
         self._policies: dict[VaultSettings, Policy] = {}  # bounded by the vaults' variants
 
@@ -187,7 +168,7 @@ class Resolver:
             lookup = await self.cache.get(
                 target.key,
                 target.policy,
-                lambda: self._fetch(target.vault, target.key),
+                lambda: self.calls.fetch(target.vault, target.key),
                 force=force,
             )
         except SidecarError as exc:
@@ -206,15 +187,6 @@ class Resolver:
             outcome = "stale" if result.stale else "ok"
         self.metrics.refreshes.labels(outcome).inc()
         return outcome
-
-    async def _fetch(self, vault: Vault, key: SecretKey) -> Fetched:
-        backend = vault.backend
-        fetched = await self._call(
-            vault,
-            {"secret_id": key.secret_id, "version": key.version},
-            lambda: backend.fetch(key.secret_id, key.version, key.settings),
-        )
-        return decoded(fetched, key.settings)
 
     async def resolve_many(self, texts: Sequence[str]) -> list[Answer | SidecarError]:
         """Resolve concurrently, each result or its error, in the order asked."""
@@ -291,7 +263,7 @@ class Resolver:
                 loaders = self._batch_loaders(vault, backend, settings, group)
                 jobs += [one(key, loaders[key]) for key in group]
             else:
-                jobs += [one(key, partial(self._fetch, vault, key)) for key in group]
+                jobs += [one(key, partial(self.calls.fetch, vault, key)) for key in group]
         await asyncio.gather(*jobs)
         return results
 
@@ -309,58 +281,20 @@ class Resolver:
         async def load(index: int) -> Fetched:
             nonlocal batch
             if batch is None:
-                about = {"secrets": len(items)}
                 batch = asyncio.ensure_future(
-                    self._call(vault, about, lambda: backend.fetch_many(items, settings))
+                    self.calls.fetch_many(vault, backend, settings, items)
                 )
             result = (await asyncio.shield(batch))[index]
             if isinstance(result, BackendFailure):
                 if result.transient:
-                    return await self._fetch(vault, keys[index])
+                    return await self.calls.fetch(vault, keys[index])
                 raise result
             return decoded(result, settings)
 
         return {key: partial(load, index) for index, key in enumerate(keys)}
 
     def status(self) -> dict[str, Any]:
-        """Per-vault counts, ages and schedule for ``/v1/status`` and the gauges; never values.
-
-        ``last_refresh_at`` is the wall-clock time of the vault's newest successful fetch
-        (``last_refresh_age_seconds`` the same as an age), so an operator sees a vault
-        whose refreshes stopped landing.
-        """
-        now = self.cache.clock()
-        vaults: dict[str, dict[str, Any]] = {
-            v.prefix: {"backend": v.backend_name, "started": v.started, "entries": 0,
-                       "fresh": 0, "stale": 0, "failed": 0, "oldest_age_seconds": None,
-                       "last_refresh_at": None, "last_refresh_age_seconds": None,
-                       "next_refresh_in_seconds": None, "last_error": None}
-            for v in self.vaults
-        }  # fmt: skip
-        newest: dict[str, float] = {}
-        for key, entry in self.cache.items():
-            row = vaults.get(key.vault)
-            if row is None:
-                continue
-            row["entries"] += 1
-            row[entry.health.value] += 1
-            if entry.fetched is not None:
-                age = round(now - entry.fetched_at, 3)
-                row["oldest_age_seconds"] = max(row["oldest_age_seconds"] or 0.0, age)
-                newest[key.vault] = max(newest.get(key.vault, -NEVER), entry.fetched_at)
-            if entry.refresh_at != NEVER:
-                due = round(max(entry.refresh_at - now, 0.0), 3)
-                row["next_refresh_in_seconds"] = min(row["next_refresh_in_seconds"] or due, due)
-            if entry.failure is not None:
-                row["last_error"] = {"code": entry.failure.code, "message": entry.failure.message}
-        wall = datetime.now(UTC)
-        for prefix, fetched_at in newest.items():
-            age = max(now - fetched_at, 0.0)
-            vaults[prefix]["last_refresh_age_seconds"] = round(age, 3)
-            at = wall - timedelta(seconds=age)
-            vaults[prefix]["last_refresh_at"] = at.isoformat(timespec="milliseconds")
-        cache = {"entries": len(self.cache), "max_entries": self.cache.max_entries}
-        return {"cache": cache, "vaults": vaults}
+        return vault_status(self.vaults, self.cache)
 
     def _answer(self, text: str, reference: Reference, lookup: Lookup) -> Answer:
         fetched = lookup.fetched
@@ -372,83 +306,3 @@ class Resolver:
         if version is None and reference.version is not None:
             version = str(reference.version)
         return Answer(text, value, version, lookup)
-
-    async def _retried(self, call: Callable[[], Awaitable[T]]) -> T:
-        """The call, and after a transient failure up to ``backend_retries`` more with
-        exponential backoff and full jitter (tenacity). The first attempt runs without
-        tenacity: building a retry loop costs more than a cached backend call, and most
-        calls succeed at once; the first retry follows immediately, later ones back off."""
-        d = self.defaults
-        try:
-            return await call()
-        except BackendFailure as exc:
-            if not exc.transient or d.backend_retries == 0:
-                raise
-        retrying = AsyncRetrying(
-            retry=retry_if_exception(lambda exc: isinstance(exc, BackendFailure) and exc.transient),
-            stop=stop_after_attempt(d.backend_retries),
-            wait=wait_random_exponential(multiplier=d.retry_backoff, max=d.retry_backoff_max),
-            reraise=True,
-        )
-        async for attempt in retrying:
-            with attempt:
-                return await call()
-        raise AssertionError("tenacity re-raises the last failure")  # pragma: no cover
-
-    def _first_sighting(self, vault: Vault, failure: Unrecognised) -> None:
-        """One warning per vault and kind of unrecognised failure (then only the metric)."""
-        if (vault.prefix, failure.kind) not in self._unrecognised:
-            self._unrecognised.add((vault.prefix, failure.kind))
-            log.warning("backend.unrecognised_error", vault=vault.prefix, kind=failure.kind)
-
-    async def _call(
-        self, vault: Vault, about: dict[str, Any], call: Callable[[], Awaitable[T]]
-    ) -> T:
-        """One backend call, admitted by the vault's concurrency and rate limits."""
-        async with vault.admission(self.metrics.rate_limited.labels(vault.prefix).inc):
-            return await self._attempts(vault, about, call)
-
-    async def _attempts(
-        self, vault: Vault, about: dict[str, Any], call: Callable[[], Awaitable[T]]
-    ) -> T:
-        """Run one backend call: retries, a deadline, one metric and one log line.
-
-        Transient failures are retried here, with exponential backoff and full
-        jitter, so backends make single attempts and retry policy lives in one place.
-        """
-        timeout = self.defaults.backend_timeout
-        started = time.perf_counter()
-        outcome = "ok"
-        try:
-            async with asyncio.timeout(timeout):
-                await vault.ensure_started()
-                result = await self._retried(call)
-        except TimeoutError:
-            outcome = "backend_timeout"
-            raise BackendTimeout(
-                f"vault {vault.prefix!r} did not answer within {timeout:g} s"
-            ) from None
-        except BackendFailure as exc:
-            outcome = exc.code
-            if isinstance(exc, Unrecognised):
-                self._first_sighting(vault, exc)
-            raise
-        except Exception as exc:  # a backend's own bug or an SDK error it lets through
-            failure = Unrecognised.of(exc, f"vault {vault.prefix!r}")
-            outcome = failure.code
-            self._first_sighting(vault, failure)
-            raise failure from None
-        finally:
-            elapsed = time.perf_counter() - started
-            labels = (vault.prefix, vault.backend_name, outcome)
-            self.metrics.backend_calls.labels(*labels).inc()
-            self.metrics.backend_duration.labels(*labels).observe(elapsed)
-            log.info(
-                "backend.call",
-                vault=vault.prefix,
-                backend=vault.backend_name,
-                outcome=outcome,
-                duration_ms=round(elapsed * 1000, 3),
-                **about,
-            )
-        return result

@@ -8,10 +8,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from sidecar.assembly import build_resolver
-from sidecar.cache import Schedule
 from sidecar.config import CacheConfig, Config, LimitsConfig, VaultEntity
 from sidecar.metrics import Metrics
 from sidecar.resolver import Resolver
+from sidecar.schedule import Schedule
 
 
 class ManualClock:

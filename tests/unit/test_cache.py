@@ -11,7 +11,6 @@ import pytest
 from sidecar.backends.base import Fetched, VaultSettings
 from sidecar.cache import (
     EARLY_RETRY,
-    NEVER,
     Cache,
     Change,
     Entry,
@@ -19,7 +18,6 @@ from sidecar.cache import (
     Lookup,
     LookupResult,
     Policy,
-    Schedule,
     SecretKey,
 )
 from sidecar.errors import (
@@ -29,6 +27,7 @@ from sidecar.errors import (
     BackendUnavailable,
     SecretNotFound,
 )
+from sidecar.schedule import NEVER, Schedule
 from tests.support import ManualClock
 
 POLICY = Policy(ttl=60, neg_ttl=10, resurrect_ttl=100)
