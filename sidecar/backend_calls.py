@@ -26,7 +26,7 @@ from sidecar.logging import get_logger
 from sidecar.metrics import Metrics
 from sidecar.vaults import Vault
 
-log = get_logger("sidecar.resolver")
+log = get_logger("sidecar.backend_calls")
 T = TypeVar("T")
 
 
