@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from aiohttp import web
+import yarl
+from aiohttp import HttpVersion11, web
 
 from sidecar.access import AccessPolicy, Peer, peer_of
 from sidecar.audit import AuditTrail
@@ -53,6 +54,9 @@ Handler = Callable[["State", web.BaseRequest], Awaitable[web.StreamResponse]]
 JSON = "application/json"
 # A single read's vault and outcome, for its request log line.
 OUTCOME = web.RequestKey("outcome", tuple[str | None, str | None])
+# A request whose line aiohttp's parser could not turn into a URL (see _request).
+UNPARSED = web.RequestKey("unparsed", bool)
+_NO_URL = yarl.URL("/")
 
 
 @dataclass
@@ -108,6 +112,8 @@ async def _guard(state: State, request: web.BaseRequest) -> web.StreamResponse:
     endpoint = request.path if methods is not None else "unmatched"
     try:
         try:
+            if request.get(UNPARSED):
+                raise InvalidRequest("malformed HTTP request (request target is not a URL)")
             if methods is None:
                 raise UnknownRoute("no such endpoint; see /v1/secrets, /v1/status, /healthz")
             handler = methods.get(request.method)
@@ -443,7 +449,23 @@ def build_server(state: State) -> web.Server:
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
         return await _guard(state, request)
 
-    return web.Server(handle, access_log=None)
+    return web.Server(handle, access_log=None, request_factory=_request)
+
+
+def _request(
+    message: Any, payload: Any, protocol: Any, writer: Any, task: asyncio.Task[None]
+) -> web.BaseRequest:
+    """aiohttp's C parser leaves ``url`` None for a request line it cannot turn into a URL
+    (``CONNECT`` with an empty target): ``BaseRequest`` would raise in the connection's
+    task, which dies without an answer. Such a request gets our 400 and the connection
+    closes, like any malformed one."""
+    unparsed = message.url is None
+    if unparsed:
+        message = message._replace(path="/", url=_NO_URL, version=HttpVersion11, should_close=True)
+    request = web.BaseRequest(message, payload, protocol, writer, task, asyncio.get_running_loop())
+    if unparsed:
+        request[UNPARSED] = True
+    return request
 
 
 def build_metrics_app(metrics: Metrics, before_scrape: Callable[[], None]) -> web.Application:
