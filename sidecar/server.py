@@ -120,7 +120,9 @@ async def _guard(state: State, request: web.BaseRequest) -> web.StreamResponse:
             if handler is None:
                 raise _NotAllowed(sorted(methods))
             response = await _limited(state, request, handler)
-        except Exception as exc:  # every error leaves as JSON (ConnectionError is re-raised)
+        except ConnectionError:
+            raise
+        except Exception as exc:  # every error leaves as JSON
             response = _error_response(request, exc)
         status = response.status
         return response
@@ -168,8 +170,6 @@ async def _limited(state: State, request: web.BaseRequest, handler: Handler) -> 
 def _error_response(request: web.BaseRequest, exc: Exception) -> web.Response:
     """Our errors with their code; aiohttp's routing errors in our shape; anything else a
     bare 500, so no exception text (which could quote a value) reaches a caller."""
-    if isinstance(exc, ConnectionError):
-        raise exc
     if isinstance(exc, SidecarError):
         return _error(exc)
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
