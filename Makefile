@@ -2,16 +2,38 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+TOOLS := .tools/bin
 CONFIG ?=
+LOCK := uv pip compile --quiet --no-header --generate-hashes --python-version 3.11
 
-.PHONY: run test lint audit bench bench-quick clean
+.PHONY: run test lint audit bench bench-quick lock tools clean
 
-# setuptools is upgraded too: the one `venv` seeds on 3.11 (65.5) has known vulnerabilities.
-$(BIN)/.installed: pyproject.toml
+# Dependencies come from the hash-pinned lock (requirements/dev.txt: [all] and [test]),
+# then the project itself without resolving anything again. setuptools is upgraded first:
+# the one `venv` seeds on 3.11 (65.5) has known vulnerabilities.
+$(BIN)/.installed: pyproject.toml requirements/dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip setuptools
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements/dev.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
+
+# The deploy tests' programs (requirements/tools.txt) live in their own venv: they are
+# large and none of them is a dependency of the daemon.
+$(TOOLS)/.installed: requirements/tools.txt
+	$(PYTHON) -m venv .tools
+	$(TOOLS)/python -m pip install --quiet --require-hashes -r requirements/tools.txt
+	touch $@
+
+tools: $(TOOLS)/.installed
+
+# Refresh the lock files after changing dependencies in pyproject.toml or tools.in.
+# runtime.txt is what the image installs; dev.txt adds [test] within runtime.txt's pins.
+lock: $(TOOLS)/.installed
+	$(TOOLS)/$(LOCK) --universal --extra all pyproject.toml -o requirements/runtime.txt
+	$(TOOLS)/$(LOCK) --universal --extra all --extra test -c requirements/runtime.txt \
+		pyproject.toml -o requirements/dev.txt
+	$(TOOLS)/$(LOCK) requirements/tools.in -o requirements/tools.txt
 
 run: $(BIN)/.installed
 	$(BIN)/secret-sidecar run $(if $(CONFIG),-c $(CONFIG))
@@ -26,7 +48,7 @@ lint: $(BIN)/.installed
 audit: $(BIN)/.installed
 	$(BIN)/python tools/audit.py
 
-test: lint audit
+test: lint audit $(TOOLS)/.installed
 	$(BIN)/pytest --cov --cov-report=term-missing:skip-covered
 
 # Cached reads over the socket, side by side with the floor server (bench/http.py); needs
@@ -40,4 +62,4 @@ bench-quick: $(BIN)/.installed
 	$(BIN)/python -m bench.http --quick
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage* sidecar.sock
+	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache .coverage* sidecar.sock
