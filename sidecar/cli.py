@@ -1,4 +1,4 @@
-"""``secret-sidecar``: run | get | resolve | check. Exit 0 ok, 1 runtime failure, 2 usage/config.
+"""``secret-sidecar``: run | get | resolve | check | health. Exit 0 ok, 1 failure, 2 usage.
 
 ``get`` and ``resolve`` are for scripts, like ``kong vault get``: the value alone on
 stdout, an error alone on stderr, and no log line unless ``--verbose``.
@@ -20,6 +20,7 @@ from sidecar import __version__, access
 from sidecar import logging as sidecar_logging
 from sidecar.config import Config, load_config
 from sidecar.errors import ConfigError, InvalidReference, SidecarError, StartupError
+from sidecar.probe import probe
 from sidecar.reference import is_reference, parse
 
 if TYPE_CHECKING:
@@ -53,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
         )
     check = commands.add_parser("check", help="validate config, try each vault and prefetch")
     check.add_argument("-c", "--config", type=Path)
+    health = commands.add_parser(
+        "health", help="exit 0 if a running daemon is healthy (--ready: ready), else 1"
+    )
+    health.add_argument("--socket", type=Path, default=Path("sidecar.sock"))
+    health.add_argument("--ready", action="store_true", help="ask /readyz instead of /healthz")
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
     return parser
 
 
@@ -61,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
         return int(exc.code or 0)
+    if args.command == "health":
+        return _health(args.socket, ready=args.ready, timeout=args.timeout)
     one_shot = args.command in ("get", "resolve")
     if one_shot and not args.verbose:
         sidecar_logging.silence()  # before anything that could log
@@ -110,6 +119,13 @@ def _verbose_level(configured: str) -> str:
 def _fail(code: str, message: str) -> int:
     print(f"secret-sidecar: {code}: {message}", file=sys.stderr)
     return USAGE if code in _USAGE_CODES or code == ConfigError.code else FAILED
+
+
+def _health(socket_path: Path, *, ready: bool, timeout: float) -> int:
+    passed, report = probe(socket_path, ready=ready, timeout=timeout)
+    if not passed:
+        print(f"secret-sidecar: {'not_ready' if ready else 'unhealthy'}: {report}", file=sys.stderr)
+    return OK if passed else FAILED
 
 
 def _run(config: Config, path: Path | None) -> int:
