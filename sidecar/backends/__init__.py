@@ -31,6 +31,11 @@ def load_kind(name: str) -> BackendKind:
     try:
         module = importlib.import_module(f"sidecar.backends.{name}")
     except ModuleNotFoundError as exc:
-        raise ConfigError(f"backend {name!r} is not available: {exc}") from exc
+        if (exc.name or "").startswith("sidecar"):
+            raise  # our own module missing is a broken install, not a config choice
+        raise ConfigError(
+            f"backend {name!r} needs {exc.name}, which is not installed:"
+            f" pip install 'secret-sidecar[{name}]' (or [all])"
+        ) from exc
     kind: BackendKind = module.KIND
     return kind

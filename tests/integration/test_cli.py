@@ -106,3 +106,13 @@ async def test_check_and_run_refuse_an_unsafe_socket_place(tmp_path: Path) -> No
     config.write_text(f"listen: {{socket: {open_dir}/s.sock}}\n")
     code, out, _ = await cli("check", "-c", str(config))
     assert (code, json.loads(out)["socket"]) == (0, "ok")
+
+
+async def test_health_answers_with_the_exit_code(daemon: Daemon, tmp_path: Path) -> None:
+    """`health` exits 0 on a serving (`--ready`: ready) daemon, 1 with the reason if none."""
+    for probe in ((), ("--ready",)):
+        code, out, err = await cli("health", "--socket", str(daemon.socket), *probe)
+        assert (code, out, err) == (0, "", "")
+    code, out, err = await cli("health", "--ready", "--socket", str(tmp_path / "none.sock"))
+    assert (code, out) == (1, "")
+    assert err.startswith("secret-sidecar: not_ready: cannot ask the daemon at")
