@@ -1,4 +1,4 @@
-"""``secret-sidecar``: run | get | resolve | check | health. Exit 0 ok, 1 failure, 2 usage.
+"""``secret-sidecar`` and its commands. Exit 0 ok, 1 failure, 2 usage or config error.
 
 This module parses arguments and answers ``health`` itself; every other command lives in
 :mod:`sidecar.commands`, imported only when one runs. ``health`` is what exec probes start
@@ -41,6 +41,19 @@ def _parser() -> argparse.ArgumentParser:
         )
     check = commands.add_parser("check", help="validate config, try each vault and prefetch")
     check.add_argument("-c", "--config", type=Path)
+    migrate = commands.add_parser(
+        "kong-migrate",
+        help="split a decK file: vault credentials to a sidecar config, Kong to the adapter",
+    )
+    migrate.add_argument("kong_file", type=Path, metavar="KONG_YML")
+    migrate.add_argument(
+        "--sidecar-out", type=Path, help="sidecar config to write (default: <name>.sidecar.yaml)"
+    )
+    migrate.add_argument(
+        "--kong-out", type=Path, help="Kong file to write (default: <name>.migrated.yaml)"
+    )
+    migrate.add_argument("--socket-path", help="the adapter's socket_path (default: its own)")
+    migrate.add_argument("--force", action="store_true", help="replace existing output files")
     health = commands.add_parser(
         "health", help="exit 0 if a running daemon is healthy (--ready: ready), else 1"
     )

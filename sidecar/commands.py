@@ -1,4 +1,5 @@
-"""The commands that need the config, the backends or aiohttp: run, get, resolve, check.
+"""The commands that need the config, the backends or aiohttp: run, get, resolve, check,
+kong-migrate.
 
 ``get`` and ``resolve`` are for scripts, like ``kong vault get``: the value alone on
 stdout, an error alone on stderr, and no log line unless ``--verbose``.
@@ -27,16 +28,18 @@ if TYPE_CHECKING:
     from sidecar.resolver import Resolver
 
 # Codes that say the argument is wrong, not the backend or the daemon: usage errors.
-_USAGE_CODES = frozenset({"invalid_reference", "invalid_request"})
+_USAGE_CODES = frozenset({"invalid_reference", "invalid_request", "cannot_migrate"})
 
 
 def dispatch(args: argparse.Namespace) -> int:
     """Run the parsed command; a config or argument error is a message and exit 2, never a
     traceback."""
     one_shot = args.command in ("get", "resolve")
-    if one_shot and not args.verbose:
+    if (one_shot and not args.verbose) or args.command == "kong-migrate":
         sidecar_logging.silence()  # before anything that could log
     try:
+        if args.command == "kong-migrate":
+            return _kong_migrate(args)
         if one_shot:
             ref = expand(args.ref)
             parse(ref)  # a bad argument fails here, before any daemon or backend work
@@ -166,3 +169,27 @@ async def _check(config: Config) -> int:
     print(json.dumps(report, indent=2))
     ok = not socket_problems and all(v == "ok" for v in (*vaults.values(), *prefetch.values()))
     return OK if ok else FAILED
+
+
+def _kong_migrate(args: argparse.Namespace) -> int:
+    from sidecar import kong_migrate  # noqa: PLC0415 - ruamel is for this command alone
+
+    source: Path = args.kong_file
+    sidecar_out = args.sidecar_out or source.with_name(f"{source.stem}.sidecar.yaml")
+    kong_out = args.kong_out or source.with_name(f"{source.stem}.migrated.yaml")
+    try:
+        text = source.read_text(encoding="utf-8")
+    except OSError as exc:
+        return _fail("cannot_migrate", f"cannot read {source}: {exc.strerror}")
+    migration = kong_migrate.migrate(text, str(source), args.socket_path)
+    try:
+        kong_migrate.write(migration, sidecar_out, kong_out, force=args.force)
+    except OSError as exc:
+        return _fail("cannot_write", f"cannot write the migrated files: {exc}")
+    print(f"moved {len(migration.moved)} vault(s) to the sidecar: {', '.join(migration.moved)}")
+    print(f"wrote {sidecar_out}: sidecar config with the credentials (mode 0600)")
+    print(f"wrote {kong_out}: Kong file whose vaults use the sidecar adapter")
+    for ref in migration.direct:
+        print(f"warning: {ref} names a bundled backend: Kong still needs its credentials")
+    print(f"next: secret-sidecar check -c {sidecar_out}")
+    return OK

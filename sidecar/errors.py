@@ -168,3 +168,10 @@ class StartupError(SidecarError):
 
     code = "startup_failed"
     status = 500
+
+
+class CannotMigrate(SidecarError):
+    """``kong-migrate`` met a Kong file it cannot split safely; nothing was written."""
+
+    code = "cannot_migrate"
+    status = 400
