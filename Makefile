@@ -6,7 +6,7 @@ TOOLS := .tools/bin
 CONFIG ?=
 LOCK := uv pip compile --quiet --no-header --generate-hashes --python-version 3.11
 
-.PHONY: run test lint audit bench bench-quick lock tools clean
+.PHONY: run test lint audit bench bench-quick lock tools image-test clean
 
 # Dependencies come from the hash-pinned lock (requirements/dev.txt: [all] and [test]),
 # then the project itself without resolving anything again. setuptools is upgraded first:
@@ -50,6 +50,11 @@ audit: $(BIN)/.installed
 
 test: lint audit $(TOOLS)/.installed
 	$(BIN)/pytest --cov --cov-report=term-missing:skip-covered
+
+# Builds the image with buildah (no Docker daemon needed) and runs it: --version, a secret
+# over the socket, as uid 10001 on a read-only root. Installs buildah itself (apt).
+image-test:
+	bash tools/image_test.sh
 
 # Cached reads over the socket, side by side with the floor server (bench/http.py); needs
 # h2load (Debian: nghttp2-client). bench writes bench/results/<date>.{json,md,png}; bench-quick
