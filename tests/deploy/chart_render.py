@@ -4,8 +4,8 @@ The project venv lacks ``helm_python`` (it lives in ``.tools``), so the tests ca
 this script in a subprocess. ``chart_render.py CHART [VALUES.yaml ...]`` prints the
 rendered objects as a JSON list. ``chart_render.py --batch`` reads
 ``{"chart": dir, "renders": {key: {"values": {...}, "release": ..., "namespace": ...}},
-"lint": {key: values}}`` on stdin and prints ``{"renders": {key: {template: text}},
-"lint": {key: report}}``, so a test session pays for one process.
+"lint": {key: values}}`` on stdin and prints ``{"renders": {key: {template: text}
+or {"error": message}}, "lint": {key: report}}``, so a test session pays for one process.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 import yaml
-from helm_python import lint  # type: ignore[import-not-found]
+from helm_python import HelmError, lint  # type: ignore[import-not-found]
 from helm_python.chart import Chart  # type: ignore[import-not-found]
 
 
@@ -29,16 +29,20 @@ def render(chart: str, values: dict[str, Any], release: str, namespace: str) -> 
 
 def batch(request: dict[str, Any]) -> dict[str, Any]:
     chart = request["chart"]
-    renders = {
-        key: render(
-            chart,
-            job.get("values", {}),
-            job.get("release", "secret-sidecar"),
-            job.get("namespace", "default"),
-        )
-        for key, job in request.get("renders", {}).items()
+    renders: dict[str, Any] = {}
+    for key, job in request.get("renders", {}).items():
+        try:
+            renders[key] = render(
+                chart,
+                job.get("values", {}),
+                job.get("release", "secret-sidecar"),
+                job.get("namespace", "default"),
+            )
+        except HelmError as exc:  # a failing render is a result the caller asserts on
+            renders[key] = {"error": str(exc)}
+    lints = {
+        key: lint(chart, values, strict=True) for key, values in request.get("lint", {}).items()
     }
-    lints = {key: lint(chart, values, strict=True) for key, values in request.get("lint", {}).items()}
     return {"renders": renders, "lint": lints}
 
 
