@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import signal
 import subprocess
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -104,6 +105,22 @@ def selectors(expr: str) -> list[Selector]:
     return found
 
 
+def grouping_labels(expr: str) -> set[str]:
+    """The label names of an expression's ``by``/``without``/``on``/``ignoring``/``group_*``
+    lists."""
+    tokens = [(m.lastgroup, m.group()) for m in _TOKEN.finditer(expr)]
+    labels: set[str] = set()
+    inside = False
+    for i, (kind, text) in enumerate(tokens):
+        if kind == "name" and text in _LABEL_LISTS and i + 1 < len(tokens):
+            inside = tokens[i + 1][1] == "("
+        elif inside and text == ")":
+            inside = False
+        elif inside and kind == "name":
+            labels.add(text)
+    return labels
+
+
 @pytest.mark.parametrize(
     ("expr", "expected"),
     [
@@ -131,6 +148,11 @@ def test_the_expression_reader_finds_selectors_and_nothing_else(
     """The reader the checks below rely on: names and matchers, never a function, a
     keyword, a label list or a label value that looks like a name."""
     assert selectors(expr) == expected
+
+
+def test_the_expression_reader_finds_grouping_labels() -> None:
+    expr = "sum by (vault, le) (x) / on (vault) group_left (backend) y > ignoring (a) z"
+    assert grouping_labels(expr) == {"vault", "le", "backend", "a"}
 
 
 # -- the kit's files ------------------------------------------------------------------------
@@ -261,10 +283,12 @@ def test_dashboard_is_a_grafana_dashboard_on_a_chosen_prometheus() -> None:
 @dataclass
 class Exposition:
     """What a scrape offers: every series name Prometheus would store (a family with no
-    samples yet still names them by its type) and the label values seen per series name."""
+    samples yet still names them by its type), the label values seen per series name, and
+    each sample's value."""
 
     names: set[str]
     values: dict[tuple[str, str], set[str]]
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float]
 
     @classmethod
     def parse(cls, text: str) -> Exposition:
@@ -275,13 +299,15 @@ class Exposition:
         }
         names: set[str] = set()
         values: dict[tuple[str, str], set[str]] = {}
+        samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
         for family in text_string_to_metric_families(text):
             names.update(family.name + s for s in suffixes.get(family.type, ("",)))
             for sample in family.samples:
                 names.add(sample.name)
+                samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
                 for label, value in sample.labels.items():
                     values.setdefault((sample.name, label), set()).add(value)
-        return cls(names, values)
+        return cls(names, values, samples)
 
 
 async def _scrape(daemon: Daemon) -> Exposition:
@@ -289,8 +315,13 @@ async def _scrape(daemon: Daemon) -> Exposition:
 
 
 def _problems(exposition: Exposition, where: str, expr: str) -> Iterable[str]:
-    """Names the daemon does not export, and matcher values it was not seen to produce."""
-    for selector in selectors(expr):
+    """Names the daemon does not export, label names none of the expression's series
+    has, and matcher values it was not seen to produce."""
+    found = selectors(expr)
+    labels = {label for metric, label in exposition.values if metric in {s.metric for s in found}}
+    for label in grouping_labels(expr) - labels - TARGET_LABELS:
+        yield f"{where}: no series of {sorted({s.metric for s in found})} has a label {label}"
+    for selector in found:
         if selector.metric in SYNTHETIC:
             continue
         if selector.metric not in exposition.names:
@@ -316,8 +347,9 @@ async def test_rules_and_dashboard_use_only_what_a_running_daemon_exports(
 ) -> None:
     """Every metric the alerts and the dashboard query is a series a real daemon exports
     (with an env vault and an hcv vault logged in to a Vault server), and every label
-    value they match on is one it really produced once it served hits, misses, a
-    not-found, and a stale value when Vault went down."""
+    value or grouping label they use is one it really produced, once it reloaded its
+    config, served hits, misses and a not-found, saw a rotation and, with Vault down,
+    served a stale value."""
     vault = FakeVault()
     vault.enable_kv("secret", "v1")
     vault.put("secret", "db", {"password": "p"})
@@ -327,9 +359,19 @@ async def test_rules_and_dashboard_use_only_what_a_running_daemon_exports(
         config = {"vaults": [{"prefix": "hv", "name": "hcv",
                               "config": {"port": vault.port, "token": token}}]}  # fmt: skip
         daemon = await make_daemon(config).started()
+        daemon.signal(signal.SIGHUP)  # the same config again: a reload that works
+
+        async def reloaded() -> bool:
+            try:
+                return "secret_sidecar_config_reloads_total{" in await daemon.metrics()
+            except aiohttp.ClientConnectionError:  # metrics listen after the socket
+                return False
+
+        await wait_until(reloaded, 10, "the reload to be counted")
         for ref in ("{vault://env/db-password}", "{vault://env/db-password}", "{vault://env/gone}"):
             await daemon.get(ref)
         assert (await daemon.get("{vault://hv/db/password}"))[0] == 200
+        vault.put("secret", "db", {"password": "rotated"})
         await daemon.request("POST", "/v1/refresh", params={"ref": "{vault://hv/db/password}"})
         vault.sealed = True
         status, body = await daemon.request(
@@ -340,7 +382,10 @@ async def test_rules_and_dashboard_use_only_what_a_running_daemon_exports(
     finally:
         vault.stop()
     assert exposition.values[("secret_sidecar_refreshes_total", "outcome")] >= {"ok", "stale"}
-    assert "stale" in exposition.values[("secret_sidecar_cache_entries_by_health", "health")]
+    stale = frozenset({"vault": "hv", "health": "stale"}.items())
+    assert exposition.samples[("secret_sidecar_cache_entries_by_health", stale)] == 1
+    hv = frozenset({"vault": "hv"}.items())
+    assert exposition.samples[("secret_sidecar_rotations_total", hv)] == 1
     exprs = every_expr()
     assert len({s.metric for _, expr in exprs for s in selectors(expr)}) >= 15
     problems = [p for where, expr in exprs for p in _problems(exposition, where, expr)]
