@@ -153,9 +153,16 @@ def kong_pod() -> Obj:
 
 def test_matrix_covers_both_modes_and_every_identity() -> None:
     """At least five values files, both modes, each credential source among them."""
-    modes = {values_of(n)["mode"] for n in MATRIX}
-    assert len(MATRIX) >= 5
-    assert modes == {"daemonset", "sidecar"}
+    matrix = [values_of(n) for n in MATRIX]
+    assert len(matrix) >= 5
+    assert {v["mode"] for v in matrix} == {"daemonset", "sidecar"}
+    identity = [v.get("cloudIdentity", {}) for v in matrix]
+    credentials = [v.get("credentials", {}) for v in matrix]
+    assert any(i.get("awsRoleArn") for i in identity)
+    assert any(i.get("gcpServiceAccount") for i in identity)
+    assert any(v.get("vaultKubernetesAuth", {}).get("enabled") for v in matrix)
+    assert any(c.get("existingSecret") for c in credentials)
+    assert any(c.get("env") for c in credentials)
 
 
 def test_every_values_file_renders(helm: dict[str, Any]) -> None:
