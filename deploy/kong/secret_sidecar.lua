@@ -6,10 +6,15 @@
 --
 -- The one HTTP client of this repository's Lua code: plain OpenResty calls `get`, the
 -- Kong vault `kong.vaults.sidecar` calls `fetch`. It uses only what OpenResty and Kong
--- ship: cosockets (`ngx.socket.tcp` on a `unix:` path) and cjson. Cosockets work in
--- the rewrite, access and content phases and in timers, not in init, init_worker,
--- set, header/body filter or log. Connections go back to the worker's cosocket pool
--- after each answer, so a worker keeps one connection per concurrent request.
+-- ship: cosockets (`ngx.socket.tcp` on a `unix:` path) and cjson. Connections go back
+-- to the worker's cosocket pool after each answer, so a worker keeps one connection
+-- per concurrent request.
+--
+-- Cosockets work in the rewrite, access and content phases and in timers. Kong also
+-- resolves references in init (a DB-less declarative config is warmed up there), where
+-- they do not: in those phases a blocking LuaSocket `socket.unix` connection is used
+-- if LuaSocket is installed (Kong ships it, as its own vaults rely on it there), one
+-- request per connection; without LuaSocket such a call fails with an error.
 --
 -- Errors read "secret-sidecar: <code>: <message>": the sidecar's own error code and
 -- message (which never hold a value), or `daemon_unreachable` and what failed on the
@@ -18,7 +23,6 @@
 local cjson = require("cjson.safe")
 
 local ngx = ngx
-local tcp = ngx.socket.tcp
 local fmt = string.format
 local byte = string.byte
 local find = string.find
@@ -27,7 +31,11 @@ local lower = string.lower
 local match = string.match
 local concat = table.concat
 local floor = math.floor
+local pcall = pcall
+local require = require
+local setmetatable = setmetatable
 local tonumber = tonumber
+local tostring = tostring
 local type = type
 
 local _M = { _VERSION = "0.1.0" }
@@ -42,6 +50,44 @@ local MAX_HEADERS = 100
 local USER_AGENT = "secret-sidecar-lua/" .. _M._VERSION
 
 local UNREACHABLE = "daemon_unreachable"
+
+-- where ngx.socket.tcp can be used (lua-nginx-module's "yieldable" contexts)
+local COSOCKET_PHASES = {
+  rewrite = true, server_rewrite = true, access = true, content = true, timer = true,
+  ssl_cert = true, ssl_session_fetch = true, ssl_client_hello = true, preread = true,
+}
+
+
+--- A blocking LuaSocket Unix connection behind the few cosocket methods used here.
+local Blocking = {}
+Blocking.__index = Blocking
+
+function Blocking:settimeout(ms) self.sock:settimeout(ms / 1000) end
+function Blocking:connect(path) return self.sock:connect((gsub(path, "^unix:", ""))) end
+function Blocking:send(data) return self.sock:send(data) end
+function Blocking:receive(pattern) return self.sock:receive(pattern) end
+function Blocking:getreusedtimes() return 0 end
+function Blocking:setkeepalive() return self.sock:close() end
+function Blocking:close() return self.sock:close() end
+
+
+--- A socket usable in the current phase, or nil and why not.
+local function new_socket()
+  local phase = ngx.get_phase()
+  if COSOCKET_PHASES[phase] then
+    return ngx.socket.tcp()
+  end
+  local ok, unix = pcall(require, "socket.unix")
+  if not ok then
+    return nil, "cosockets are not available in the " .. phase .. " phase and LuaSocket "
+      .. "(socket.unix) is not installed"
+  end
+  local sock, err = (type(unix) == "table" and unix.stream or unix)()
+  if not sock then
+    return nil, "socket.unix: " .. tostring(err)
+  end
+  return setmetatable({ sock = sock }, Blocking)
+end
 
 
 --- Percent-encode everything but RFC 3986's unreserved characters.
@@ -244,9 +290,9 @@ function _M.fetch(ref, opts)
 
   local status, body, close
   for attempt = 1, 2 do
-    local sock, err = tcp()
+    local sock, err = new_socket()
     if not sock then
-      return nil, "secret-sidecar: daemon_unreachable: no cosocket: " .. err, UNREACHABLE
+      return nil, "secret-sidecar: daemon_unreachable: " .. err, UNREACHABLE
     end
     local ms = left(deadline)
     if not ms then

@@ -62,6 +62,7 @@ http {{
         require("kong.vaults.sidecar")
         require("secret_sidecar")
         require("pdk_shim").setup(require("cjson").decode([==[{setup}]==]))
+        {init}
     }}
     {http}
     server {{
@@ -73,6 +74,12 @@ http {{
                 ngx.header.content_type = "application/json"
                 ngx.say(require("cjson").encode({{
                     value = value, err = err, ttl = ttl, pid = ngx.worker.pid() }}))
+            }}
+        }}
+        location = /init {{
+            content_by_lua_block {{  -- what the init code left in INIT_RESULT
+                ngx.header.content_type = "application/json"
+                ngx.say(require("cjson").encode(INIT_RESULT or {{}}))
             }}
         }}
         location = /openresty {{
@@ -104,6 +111,7 @@ class Nginx:
         as_root: bool = True,
         http: str = "",
         include: Path | None = None,
+        init: str = "",
     ) -> None:
         self.program = program
         self.prefix = prefix
@@ -121,6 +129,7 @@ class Nginx:
                 lua_path=LUA_PATH,
                 setup=setup,
                 port=self.port,
+                init=init,  # more Lua for init_by_lua, run by the master
                 http=http,  # more of the http {} block
                 include=f"include {include};" if include else "",  # into the server {}
             )

@@ -149,6 +149,36 @@ async def test_decoded_characters_reach_the_sidecar_as_kong_decoded_them(
     assert "not_found" in injected["err"]  # the id "db-password?ttl=1", not a query
 
 
+INIT = """
+    local value, err, ttl = require("pdk_shim").resolve("{vault://sidecar/env/db-password/}")
+    INIT_RESULT = { value = value, err = err, ttl = ttl, phase = ngx.get_phase() }
+"""
+
+
+async def test_references_resolved_in_init_use_luasocket(
+    make_daemon: MakeDaemon, make_nginx: MakeNginx
+) -> None:
+    """Kong warms a DB-less config's references up in init, where cosockets do not
+    work: there the vault reads through LuaSocket (Kong ships it); without LuaSocket it
+    fails with an error saying so, instead of raising out of Kong's init."""
+    daemon = await sidecar(make_daemon)
+    base = {"socket_path": str(daemon.socket)}
+    nginx = make_nginx(base=base, init=INIT)
+    async with aiohttp.ClientSession() as session, session.get(nginx.url + "/init") as r:
+        warmed = await r.json()
+    assert warmed["phase"] == "init"
+    assert warmed["value"] == SECRETS["DB_PASSWORD"]
+    assert warmed["ttl"] in (299, 300)
+    without = make_nginx(base=base, init='package.preload["socket.unix"] = error' + INIT)
+    async with aiohttp.ClientSession() as session, session.get(without.url + "/init") as r:
+        failed = await r.json()
+    assert "value" not in failed
+    assert failed["err"] == (
+        "no value found (secret-sidecar: daemon_unreachable: cosockets are not available in"
+        " the init phase and LuaSocket (socket.unix) is not installed)"
+    )
+
+
 async def test_not_found_is_nil_and_an_error_with_the_code(
     make_daemon: MakeDaemon, make_nginx: MakeNginx
 ) -> None:
