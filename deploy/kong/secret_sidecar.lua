@@ -267,11 +267,12 @@ end
 --- could not be asked or answered something that is not its API.
 ---
 --- opts.socket_path (default DEFAULT_SOCKET_PATH) and opts.timeout (milliseconds for
---- the whole call, default DEFAULT_TIMEOUT). A pooled connection that the daemon had
---- closed meanwhile (its idle timeout, a restart) is retried once on a new one.
+--- the whole call, default DEFAULT_TIMEOUT). A request on a pooled connection that the
+--- daemon had closed meanwhile (its idle timeout, a restart) is sent again on another.
 function _M.fetch(ref, opts)
   if type(ref) ~= "string" then
-    return nil, "secret-sidecar: the reference must be a string", "invalid_reference"
+    return nil, "secret-sidecar: invalid_reference: the reference must be a string",
+      "invalid_reference"
   end
   opts = opts or {}
   local path = opts.socket_path
@@ -288,8 +289,10 @@ function _M.fetch(ref, opts)
     .. "Host: secret-sidecar\r\nAccept: application/json\r\n"
     .. "User-Agent: " .. USER_AGENT .. "\r\n\r\n"
 
+  -- a pooled connection that fails is dropped and the next one tried (the pool may hold
+  -- several the daemon closed, e.g. on a restart); a fresh connection that fails ends it
   local status, body, close
-  for attempt = 1, 2 do
+  for _ = 1, POOL_SIZE + 1 do
     local sock, err = new_socket()
     if not sock then
       return nil, "secret-sidecar: daemon_unreachable: " .. err, UNREACHABLE
@@ -316,10 +319,14 @@ function _M.fetch(ref, opts)
     end
     sock:close()
     err = body
-    -- only a pooled connection is retried, and not after a timeout: the deadline holds
-    if not reused or attempt == 2 or find(err, "timeout", 1, true) then
+    if not reused or find(err, "timeout", 1, true) then
       return nil, fmt("secret-sidecar: daemon_unreachable: %s: %s", path, err), UNREACHABLE
     end
+  end
+
+  if not status then
+    return nil, fmt("secret-sidecar: daemon_unreachable: %s: every pooled connection failed",
+                    path), UNREACHABLE
   end
 
   local doc = cjson.decode(body)

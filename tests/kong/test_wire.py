@@ -64,7 +64,7 @@ async def test_chunked_and_close_delimited_answers(make_nginx: MakeNginx, tmp_pa
     assert len(lines) == 3
 
 
-async def test_a_pooled_connection_closed_under_a_request_is_retried_once(
+async def test_a_pooled_connection_closed_under_a_request_is_retried(
     make_nginx: MakeNginx, tmp_path: Path
 ) -> None:
     """The daemon closes a kept-alive connection just as the next request arrives (its
