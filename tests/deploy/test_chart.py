@@ -377,7 +377,8 @@ def test_notes_tell_a_gateway_how_to_mount_the_socket(rendered: dict[str, Render
 def test_kong_snippet_uses_only_keys_the_kong_chart_reads() -> None:
     """Keys read by Kong/charts charts/kong 3.x templates (deployment.yaml, _helpers.tpl)."""
     values = kong_values()
-    assert set(values) == {"deployment", "securityContext", "podAnnotations"}
+    assert set(values) == {"deployment", "securityContext", "podAnnotations", "env"}
+    assert values["env"] == {"vaults": "bundled,sidecar"}  # KONG_VAULTS
     assert set(values["deployment"]) == {
         "serviceAccount",
         "sidecarContainers",
@@ -385,6 +386,33 @@ def test_kong_snippet_uses_only_keys_the_kong_chart_reads() -> None:
         "userDefinedVolumeMounts",
     }
     assert values["deployment"]["serviceAccount"]["create"] is False
+
+
+def test_kong_snippet_puts_the_sidecar_vault_on_the_kong_charts_lua_path() -> None:
+    """Each Lua module the vault needs is a file the chart's KONG_LUA_PACKAGE_PATH
+    (/opt/?.lua;/opt/?/init.lua;;) finds, mounted from a file that exists in deploy/kong."""
+    deployment = kong_values()["deployment"]
+    volumes = {v["name"]: v for v in deployment["userDefinedVolumes"]}
+    found: dict[str, str] = {}
+    for mount in deployment["userDefinedVolumeMounts"]:
+        if mount["name"] != "kong-vault-sidecar":
+            continue
+        assert mount["readOnly"] is True
+        assert "configMap" in volumes[mount["name"]]
+        path = mount["mountPath"].removeprefix("/opt/").removesuffix(".lua")
+        module = path.removesuffix("/init").replace("/", ".")
+        found[module] = mount["subPath"]
+    assert found == {
+        "kong.vaults.sidecar": "init.lua",
+        "kong.vaults.sidecar.schema": "schema.lua",
+        "secret_sidecar": "secret_sidecar.lua",
+    }
+    lua = ROOT / "deploy" / "kong"
+    for module, name in found.items():
+        source = lua / (module.replace(".", "/") + ".lua")
+        if not source.exists():
+            source = lua / module.replace(".", "/") / "init.lua"
+        assert source.name == name, module
 
 
 def test_kong_snippet_shares_the_socket_through_a_memory_empty_dir() -> None:
