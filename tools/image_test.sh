@@ -167,6 +167,8 @@ strays=$(find "$root" -xdev -name '*.whl' -not -path '*/ensurepip/_bundled/*' \
 # directory (and those under /run, where buildah itself writes /run/.containerenv) is
 # bind-mounted read-only over itself, and a host directory made like the volume
 # (10001:10001, 2750) is the socket directory. /run and / stay writable for root only.
+# buildah's bind mounts are read-only unless told rw, and a destination under the
+# /var/run -> /run symlink ends up hidden, so the volume is mounted at /run/secret-sidecar.
 mounts=()
 for dir in "$root"/* "$root"/run/*; do
     name=${dir#"$root"/}
@@ -175,7 +177,7 @@ for dir in "$root"/* "$root"/run/*; do
     mounts+=(--mount "type=bind,source=$dir,destination=/$name,ro")
 done
 install -d -o 10001 -g 10001 -m 2750 "$work/socket-volume"
-mounts+=(--mount "type=bind,source=$work/socket-volume,destination=/var/run/secret-sidecar")
+mounts+=(--mount "type=bind,source=$work/socket-volume,destination=/run/secret-sidecar,rw")
 
 # Its own network namespace: the baked config's metrics port 9464 must not meet the host's.
 run() { # run USER SCRIPT [ENV...]
@@ -188,6 +190,9 @@ run() { # run USER SCRIPT [ENV...]
 
 out=$(run 10001:10001 'secret-sidecar --version') || fail "secret-sidecar --version: $out"
 expect "secret-sidecar --version" "$out" "$VERSION"
+# Every backend's SDK ([all]) is in the venv and imports on the read-only root.
+out=$(run 10001:10001 'python3 -c "import sidecar.backends.aws, sidecar.backends.gcp, sidecar.backends.hcv"' 2>&1) ||
+    fail "the backends do not import: $out"
 
 # As root: the mounts really are read-only (EROFS), not just closed to uid 10001.
 # shellcheck disable=SC2016 # the scripts below expand inside the container
@@ -231,6 +236,7 @@ report() {
     cat "$work/socket-volume/daemon.log" >&2 2>/dev/null || true
     fail "$1"
 }
+[ -s "$work/socket-volume/daemon.log" ] || report "the daemon did not write its log into the volume"
 grep -qxF "value=$secret" <<<"$out" || report "the env secret was not read over the socket"
 grep -qxF "uid=10001 10001" <<<"$out" || report "the daemon does not run as uid 10001"
 grep -qxF "socket=660 sidecar sidecar" <<<"$out" || report "the socket is not 0660 sidecar:sidecar"
