@@ -6,7 +6,7 @@ TOOLS := .tools/bin
 CONFIG ?=
 LOCK := uv pip compile --quiet --no-header --generate-hashes --python-version 3.11
 
-.PHONY: run test lint audit bench bench-quick lock tools image-test clean
+.PHONY: run test lint audit bench bench-quick lock tools wheelhouse image image-test clean
 
 # Dependencies come from the hash-pinned lock (requirements/dev.txt: [all] and [test]),
 # then the project itself without resolving anything again. setuptools is upgraded first:
@@ -51,10 +51,32 @@ audit: $(BIN)/.installed
 test: lint audit $(TOOLS)/.installed
 	$(BIN)/pytest --cov --cov-report=term-missing:skip-covered
 
-# Builds the image with buildah (no Docker daemon needed) and runs it: --version, a secret
-# over the socket, as uid 10001 on a read-only root. Installs buildah itself (apt).
-image-test:
-	bash tools/image_test.sh
+# The image's wheelhouse (see Dockerfile): the lock's wheels for linux x86_64 CPython 3.11
+# and the project's own wheel, so the image builds without an index. Downloads already
+# there are kept; the project's wheel is built again each time.
+WHEELS := build/wheels
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+DOCKER ?= docker
+# python:3.11-slim is Debian bookworm (glibc 2.36); pip matches these tags literally.
+PLATFORMS := manylinux2014 manylinux_2_17 manylinux_2_28 manylinux_2_34 manylinux_2_36
+
+wheelhouse: $(BIN)/.installed
+	$(BIN)/python -m pip download --quiet --require-hashes --no-deps --only-binary=:all: \
+		$(PLATFORMS:%=--platform %_x86_64) --python-version 3.11 --implementation cp --abi cp311 \
+		-r requirements/runtime.txt -d $(WHEELS)
+	rm -f $(WHEELS)/secret_sidecar-*.whl
+	$(BIN)/python -m pip wheel --quiet --no-deps --no-build-isolation -w $(WHEELS) .
+
+# DOCKER=podman works too (buildah: `buildah bud --format docker`, or HEALTHCHECK is lost).
+image: wheelhouse
+	$(DOCKER) build --build-arg VERSION=$(VERSION) --build-arg REVISION=$$(git rev-parse HEAD) \
+		-t secret-sidecar:$(VERSION) .
+
+# Builds the image with buildah (no Docker daemon needed) against a stand-in base and runs
+# it: --version, a secret over the socket, as uid 10001 on a read-only root. Needs root;
+# installs buildah and debootstrap itself (apt) and caches the base.
+image-test: wheelhouse
+	tools/image_test.sh
 
 # Cached reads over the socket, side by side with the floor server (bench/http.py); needs
 # h2load (Debian: nghttp2-client). bench writes bench/results/<date>.{json,md,png}; bench-quick
