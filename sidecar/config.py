@@ -8,6 +8,7 @@ A Kong decK file loads as is: its ``vaults:`` are ours, other entities ignored.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Callable
@@ -39,7 +40,7 @@ Seconds = Annotated[float, Field(ge=0)]
 Ttl = Annotated[float, Field(ge=0, le=MAX_TTL)]  # Kong's typedefs.ttl
 SUN_PATH_MAX = 107  # bytes of a Unix socket path (sun_path is 108 with its NUL)
 # Sections whose values may be echoed in errors; ``vaults`` hold credentials, so never.
-_ECHOED = frozenset({"listen", "metrics", "log", "cache", "refresh", "limits", "watch"})
+_ECHOED = frozenset({"listen", "metrics", "log", "cache", "refresh", "limits", "watch", "facade"})
 
 
 def _never(loc: tuple[int | str, ...]) -> bool:
@@ -159,6 +160,117 @@ class WatchConfig(_Model):
     max_watchers: int = Field(default=256, gt=0)
 
 
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class FacadeToken(_Model):
+    """A token the Vault-KV facade accepts, and what it may read: the globs of a
+    ``clients:`` rule over ``<vault>/<secret-id>``. The token itself is never in the
+    config: it is read from a file or an environment variable, so the config (a
+    ConfigMap) can be shown to anyone."""
+
+    name: str = Field(pattern=_NAME)  # the peer in audit events
+    token_file: Path | None = None
+    token_env: str | None = Field(default=None, pattern=_ENV_NAME)
+    allow: tuple[str, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> FacadeToken:
+        if (self.token_file is None) == (self.token_env is None):
+            raise ValueError("a facade token needs exactly one of token_file or token_env")
+        return self
+
+
+class FacadeRole(_Model):
+    """A Kubernetes login role: the service accounts that may log in with it
+    (``<namespace>/<name>`` globs) and what the tokens it hands out may read."""
+
+    name: str = Field(pattern=_NAME)
+    service_accounts: tuple[str, ...] = Field(min_length=1)
+    allow: tuple[str, ...] = Field(min_length=1)
+
+
+class FacadeKubernetes(_Model):
+    """``POST /v1/auth/<auth_path>/login`` with a projected service-account token,
+    verified against the cluster's signing keys, issuer and audience."""
+
+    auth_path: str = Field(default="kubernetes", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    issuer: str = Field(min_length=1)
+    audience: str = Field(min_length=1)
+    jwks_file: Path | None = None  # the keys, as the API server's /openid/v1/jwks serves them
+    discovery_url: str | None = Field(default=None, pattern=r"^https?://")  # the issuer's
+    ca_file: Path | None = None  # for discovery_url over https with a private CA
+    token_ttl: float = Field(default=600.0, gt=0, le=86400)  # life of a handed-out token
+    leeway: float = Field(default=30.0, ge=0, le=300)  # clock skew allowed on exp/nbf/iat
+    roles: tuple[FacadeRole, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> FacadeKubernetes:
+        if (self.jwks_file is None) == (self.discovery_url is None):
+            raise ValueError("kubernetes login needs exactly one of jwks_file or discovery_url")
+        if len({role.name for role in self.roles}) != len(self.roles):
+            raise ValueError("role names must be unique")
+        return self
+
+
+class FacadeConfig(_Model):
+    """A HashiCorp Vault KV API on a loopback TCP port, for Kong's bundled ``hcv`` vault
+    (Konnect-managed gateways), over the same resolver, cache, limits and audit."""
+
+    enabled: bool = False
+    address: str = "127.0.0.1:8200"
+    # Beyond loopback, anyone who can reach the port and holds a token reads secrets
+    # in clear HTTP: only for a network namespace shared with the gateway alone.
+    allow_non_loopback: bool = False
+    mount: str = Field(default="secret", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    kv: Literal["v1", "v2"] = "v2"
+    tokens: tuple[FacadeToken, ...] = ()
+    kubernetes: FacadeKubernetes | None = None
+
+    @field_validator("address")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        if not re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[^:\s\[\]]+):\d{1,5}", value):
+            raise ValueError("must be host:port, such as 127.0.0.1:8200")
+        return value
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.address.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    @model_validator(mode="after")
+    def _safe(self) -> FacadeConfig:
+        if not self.enabled:
+            return self
+        host = self.host_port[0]
+        if not self.allow_non_loopback and not _loopback(host):
+            raise ValueError(
+                f"facade.address {self.address} is not a loopback address: the facade"
+                " answers secrets in clear HTTP to any token holder that reaches it; use"
+                " 127.0.0.1 or ::1, or set allow_non_loopback: true (see docs/konnect.md)"
+            )
+        if not self.tokens and self.kubernetes is None:
+            raise ValueError("an enabled facade needs tokens or kubernetes login")
+        names = [token.name for token in self.tokens]
+        if self.kubernetes is not None:
+            names += [f"kubernetes:{role.name}" for role in self.kubernetes.roles]
+        if len(set(names)) != len(names):
+            raise ValueError("facade token names must be unique")
+        return self
+
+
+def _loopback(host: str) -> bool:
+    """A literal loopback address, or ``localhost``; any other name could resolve anywhere."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class VaultEntity(_Model):
     """Kong's vault entity, refused where Kong's schema refuses it (docs/kong.md).
 
@@ -246,6 +358,7 @@ class Config(_Model):
     refresh: RefreshConfig = RefreshConfig()
     limits: LimitsConfig = LimitsConfig()
     watch: WatchConfig = WatchConfig()
+    facade: FacadeConfig = FacadeConfig()
     vaults: tuple[VaultEntity, ...] = ()
     prefetch: tuple[str, ...] = ()
     clients: tuple[ClientRule, ...] = ()
