@@ -341,3 +341,36 @@ async def test_slow_clients_and_connection_floods_are_bounded(make_daemon: MakeD
     from tests.integration.harness import wait_until  # noqa: PLC0415
 
     await wait_until(answers, 5, "a free connection slot after the held ones closed")
+
+
+async def test_a_vault_id_cannot_walk_out_of_the_acl_globs(make_daemon: MakeDaemon) -> None:
+    """Vault ids are URL paths: a dot segment, '?' or '#' would make the path read name
+    another secret than the id the ACL matched. They are refused, and nothing is read."""
+    vault = FakeVault()
+    vault.enable_kv("secret", "v2")
+    vault.put("secret", "team-a/app", {"k": "team-a"})
+    vault.put("secret", "root", {"k": "root-only"})
+    vault.start()
+    try:
+        token = vault.create_token()
+        config = {
+            "vaults": [{"prefix": "hv", "name": "hcv", "config": {
+                "port": vault.port, "token": token, "kv": "v2"}}],
+            "clients": [{"uid": os.getuid(), "allow": ["hv/team-a/*", "hv/*-public"]}],
+        }  # fmt: skip
+        daemon = await make_daemon(config).started()
+        assert (await daemon.get("{vault://hv/team-a/app/k}"))[1]["value"] == "team-a"
+        reads_before = len(vault.seen)
+        for ref in (
+            "{vault://hv/team-a/../root/}",
+            "{vault://hv/team-a/%252E%252E/root/}",  # the same, encoded twice
+            "{vault://hv/root%253F-public/}",  # "root?-public": the path ends at '?'
+            "{vault://hv/root%2523-public/}",  # "root#-public"
+            "{vault://hv/team-a/%25252e%25252e/root/}",  # a '%' left for Vault to decode
+        ):
+            status, body = await daemon.get(ref)
+            assert (status, body["error"]["code"]) == (400, "invalid_reference"), ref
+            assert "root-only" not in json.dumps(body)
+        assert len(vault.seen) == reads_before
+    finally:
+        vault.stop()

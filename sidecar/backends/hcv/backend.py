@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -38,8 +39,20 @@ WORKERS = 8
 _NOT_CONNECTION = frozenset({"ttl", "neg_ttl", "resurrect_ttl", "base64_decode", "mount", "kv"})
 
 
+# Vault's secret ids are URL paths: hvac puts them in the URL as they are, the HTTP
+# client removes dot segments and a ``?`` or ``#`` ends the path. Each would make the
+# path read differ from the id the ACL matched (``team-a/../root`` reads ``root``).
+_NOT_A_PATH = re.compile(r"(^|/)\.\.?(/|$)|[?#%\\]")
+
+
 def check(secret_id: str, version: int | None, settings: HcvSettings) -> None:
-    """KV v1 keeps one version per path: ``#n`` there is refused, not silently ignored."""
+    """Refuse an id whose URL path would name another secret than the id does; KV v1
+    keeps one version per path: ``#n`` there is refused, not silently ignored."""
+    if _NOT_A_PATH.search(secret_id):
+        raise InvalidReference(
+            "a Vault secret id must not have '.' or '..' segments, nor '?', '#', '%' or"
+            " '\\': the URL path read would name another secret"
+        )
     if version is not None and settings.kv == "v1":
         raise InvalidReference(
             f"mount {settings.mount!r} is KV v1, which has no versions: #{version} cannot"
