@@ -30,6 +30,9 @@ MATRIX = sorted(p.stem for p in VALUES.glob("*.yaml"))
 RELEASE = "secret-sidecar"
 NAMESPACE = "gateway"
 
+FACADE_TOKEN = {"name": "kong", "existingSecret": "kong-facade-token", "allow": ["env/*"]}
+FACADE_DIR = "/var/run/secrets/secret-sidecar-facade"
+
 # Renders beyond the matrix: two configs for the checksum, values the schema refuses.
 EXTRA: dict[str, dict[str, Any]] = {
     "ttl-300": {"config": {"cache": {"ttl": 300}}},
@@ -42,6 +45,12 @@ EXTRA: dict[str, dict[str, Any]] = {
     "surge": {"updateStrategy": {"rollingUpdate": {"maxSurge": 1}}},
     "typo": {"servicemonitor": {"enabled": True}},
     "socket-override": {"config": {"listen": {"socket": "/tmp/other.sock"}}},
+    "facade-daemonset": {"facade": {"enabled": True, "tokens": [FACADE_TOKEN]}},
+    "facade-any-address": {
+        "mode": "sidecar",
+        "facade": {"enabled": True, "address": "0.0.0.0:8200", "tokens": [FACADE_TOKEN]},
+    },
+    "facade-in-config": {"mode": "sidecar", "config": {"facade": {"enabled": True}}},
 }
 
 
@@ -118,12 +127,27 @@ def daemonset_renders(rendered: dict[str, Rendered]) -> list[Rendered]:
     return [rendered[n] for n in MATRIX if values_of(n)["mode"] == "daemonset"]
 
 
-def kong_values() -> dict[str, Any]:
-    loaded: dict[str, Any] = yaml.safe_load(KONG_VALUES.read_text())
+def kong_values(text: str | None = None) -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load(KONG_VALUES.read_text() if text is None else text)
     return loaded
 
 
-def kong_pod() -> Obj:
+def kong_values_with_facade() -> dict[str, Any]:
+    """The snippet with its commented facade option taken: each commented list item
+    named ``secret-sidecar-facade-*``, and the commented lines under it, uncommented."""
+    lines, taking = [], None
+    for line in KONG_VALUES.read_text().splitlines():
+        stripped = line.lstrip()
+        indent = len(line) - len(stripped)
+        if stripped.startswith("# - name: secret-sidecar-facade-"):
+            taking = indent
+        elif taking is None or indent != taking or not stripped.startswith("#   "):
+            taking = None
+        lines.append(line[:indent] + stripped[2:] if taking is not None else line)
+    return kong_values("\n".join(lines))
+
+
+def kong_pod(values: dict[str, Any] | None = None) -> Obj:
     """The pod the Kong chart makes from the snippet: its sidecars, volumes and proxy mounts.
 
     It follows charts/kong/templates/deployment.yaml (Kong/charts 3.x): the sidecar
@@ -131,7 +155,7 @@ def kong_pod() -> Obj:
     ``volumes``, ``deployment.userDefinedVolumeMounts`` to the proxy container's mounts,
     the top-level ``securityContext`` to the pod and ``podAnnotations`` to its metadata.
     """
-    values = kong_values()
+    values = kong_values() if values is None else values
     deployment = values["deployment"]
     proxy = {
         "name": "proxy",
@@ -442,3 +466,75 @@ def test_kong_snippet_container_matches_the_charts(rendered: dict[str, Rendered]
     for key in ("image", "args", "ports", "livenessProbe", "readinessProbe", "resources"):
         assert theirs[key] == ours[key], key
     assert theirs["securityContext"] == copy.deepcopy(ours["securityContext"])
+
+
+# The Vault-KV facade (docs/konnect.md): sidecar mode, loopback, tokens from Secrets
+
+
+def test_facade_listens_on_loopback_with_each_token_a_file(rendered: dict[str, Rendered]) -> None:
+    """The rendered config turns the facade on at 127.0.0.1:8200 with each token read
+    from ``<FACADE_DIR>/<name>/token``, never inline, and the daemon's config model
+    takes it; without facade values the config has no facade section."""
+    facade = rendered["sidecar-facade"].config()["facade"]
+    values = values_of("sidecar-facade")["facade"]
+    assert facade == {
+        "enabled": True,
+        "address": "127.0.0.1:8200",
+        "mount": "secret",
+        "kv": "v2",
+        "tokens": [
+            {
+                "name": t["name"],
+                "token_file": f"{FACADE_DIR}/{t['name']}/token",
+                "allow": t["allow"],
+            }
+            for t in values["tokens"]
+        ],
+    }
+    assert parse_config(rendered["sidecar-facade"].config()).facade.host_port == ("127.0.0.1", 8200)
+    assert "facade" not in rendered["sidecar-mode"].config()
+
+
+def test_facade_is_refused_where_it_would_serve_nobody_or_everybody(
+    helm: dict[str, Any],
+) -> None:
+    """In a DaemonSet the facade's loopback is not the gateway's; a non-loopback address
+    or a facade hidden in config: (past these checks) does not render."""
+    renders = helm["renders"]
+    assert "facade.enabled needs mode: sidecar" in renders["facade-daemonset"]["error"]
+    assert "/facade/address" in renders["facade-any-address"]["error"]
+    assert "/config/facade" in renders["facade-in-config"]["error"]
+
+
+def test_kong_snippet_facade_option_mounts_the_token_read_only(
+    rendered: dict[str, Rendered],
+) -> None:
+    """Uncommented, the snippet's facade option mounts the token Secret's key read-only
+    in the sidecar container alone, at the file the chart's config names, as the chart's
+    NOTES print it; the pod validates."""
+    values = kong_values_with_facade()
+    pod = kong_pod(values)
+    spec = k8s.pod_spec(pod)
+    sidecar = k8s.container(spec, "secret-sidecar")
+    (token,) = rendered["sidecar-facade"].config()["facade"]["tokens"]
+    directory, _, file = token["token_file"].rpartition("/")
+    mount = k8s.mount_at(sidecar, directory)
+    assert mount["readOnly"] is True
+    source = k8s.volume(spec, mount["name"])["secret"]
+    (chart_token,) = values_of("sidecar-facade")["facade"]["tokens"]
+    assert source["secretName"] == chart_token["existingSecret"]
+    assert source["items"] == [{"key": chart_token["key"], "path": file}]
+    proxy = k8s.container(spec, "proxy")
+    assert mount["name"] not in {m["name"] for m in proxy["volumeMounts"]}
+    notes = rendered["sidecar-facade"].files["secret-sidecar/templates/NOTES.txt"]
+    printed = [
+        f"- name: {mount['name']}",
+        f"mountPath: {directory}",
+        f"secretName: {source['secretName']}",
+        f"- key: {chart_token['key']}",
+    ]
+    assert [line for line in printed if line not in notes] == []
+    k8s.validate([pod])
+    plain = k8s.pod_spec(kong_pod())
+    added = {v["name"] for v in spec["volumes"]} - {v["name"] for v in plain["volumes"]}
+    assert added == {mount["name"]}

@@ -2,6 +2,8 @@
 {{- define "secret-sidecar.socketDir" -}}/var/run/secret-sidecar{{- end -}}
 {{- define "secret-sidecar.socketPath" -}}/var/run/secret-sidecar/sidecar.sock{{- end -}}
 {{- define "secret-sidecar.configDir" -}}/etc/secret-sidecar{{- end -}}
+{{/* Facade tokens are files <facadeDir>/<name>/token, each a Secret's key. */}}
+{{- define "secret-sidecar.facadeDir" -}}/var/run/secrets/secret-sidecar-facade{{- end -}}
 
 {{- define "secret-sidecar.name" -}}
 {{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
@@ -75,6 +77,24 @@ address, and hcv kubernetes-auth vaults pointed at the projected token.
 {{- $_ := set $vault "config" $settings -}}
 {{- end -}}
 {{- end -}}
+{{- end -}}
+{{- if .Values.facade.enabled -}}
+{{- if ne .Values.mode "sidecar" -}}
+{{- fail "facade.enabled needs mode: sidecar: the facade listens on loopback, and a DaemonSet pod's loopback is not the gateway's (docs/konnect.md)" -}}
+{{- end -}}
+{{- $facade := dict "enabled" true "address" .Values.facade.address "mount" .Values.facade.mount "kv" .Values.facade.kv -}}
+{{- $tokens := list -}}
+{{- range $token := .Values.facade.tokens -}}
+{{- $file := printf "%s/%s/token" (include "secret-sidecar.facadeDir" $) $token.name -}}
+{{- $tokens = append $tokens (dict "name" $token.name "token_file" $file "allow" $token.allow) -}}
+{{- end -}}
+{{- if $tokens -}}
+{{- $_ := set $facade "tokens" $tokens -}}
+{{- end -}}
+{{- with .Values.facade.kubernetes -}}
+{{- $_ := set $facade "kubernetes" . -}}
+{{- end -}}
+{{- $_ := set $config "facade" $facade -}}
 {{- end -}}
 {{- range $key := list "vaults" "prefetch" "clients" -}}
 {{- if not (get $config $key) -}}
