@@ -59,6 +59,10 @@ class Peer:
     uid: int | None
     gid: int | None
     groups: frozenset[int] = frozenset()  # supplementary groups
+    # A caller of the Vault-KV facade: its token's name (who it is in audit events) and
+    # that token's globs, which are what it may read (``clients:`` rules are for uids).
+    token: str | None = None
+    token_allow: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, sock: Any) -> Peer:
@@ -221,20 +225,29 @@ class AccessPolicy:
         ]
 
     def allows(self, peer: Peer, name: str, resource: str) -> bool:
+        target = f"{name}/{resource}"
+        if peer.token is not None:
+            return any(fnmatchcase(target, pattern) for pattern in peer.token_allow)
         if not self.rules:
             return True
-        target = f"{name}/{resource}"
         return any(
             fnmatchcase(target, pattern) for rule in self._rules_of(peer) for pattern in rule.allow
         )
 
     def is_admin(self, peer: Peer) -> bool:
         """May refresh everything and see which secret ids are cached or missing."""
+        if peer.token is not None:
+            return False
         return not self.rules or any(rule.admin for rule in self._rules_of(peer))
 
     def check(self, peer: Peer, reference: Reference) -> None:
         if not self.allows(peer, reference.name, reference.resource):
-            who = f"uid={peer.uid} gid={peer.gid}" if peer.known else "unknown (no credentials)"
+            if peer.token is not None:
+                who = f"token {peer.token!r}"
+            elif peer.known:
+                who = f"uid={peer.uid} gid={peer.gid}"
+            else:
+                who = "unknown (no credentials)"
             raise Forbidden(f"peer {who} may not read {reference.name}/{reference.resource}")
 
     def check_admin(self, peer: Peer, what: str) -> None:

@@ -4,7 +4,8 @@ A log line per read would be most of what a cached read costs (two JSON lines an
 write per request). What an auditor needs survives without it: every denial and
 error at once, each peer's first read of a reference at once, and then one event per
 (peer, reference, outcome) per ``log.audit_interval`` with the number of reads.
-Events name the reference and the peer (uid, gid, pid), never a value.
+Events name the reference and the peer (uid, gid, pid; or the token's name for a
+facade caller, as ``client``), never a value.
 """
 
 from __future__ import annotations
@@ -19,22 +20,24 @@ log = get_logger("sidecar.audit")
 SERVED = frozenset({"hit", "miss", "stale"})  # outcomes that are counted, not logged each
 MAX_KEYS = 100_000  # distinct (peer, reference, outcome) counted before an early flush
 
-Key = tuple[int | None, int | None, int | None, str, str | None, str]
+Who = tuple[int | None, int | None, int | None, str | None]  # uid, gid, pid, token name
+Key = tuple[Who, str, str | None, str]  # who, reference, vault, outcome
 
 
 class AuditTrail:
     def __init__(self, interval: float) -> None:
         self.interval = interval
         self._counts: dict[Key, int] = {}
-        self._seen: set[tuple[int | None, int | None, int | None, str]] = set()
+        self._seen: set[tuple[Who, str]] = set()
         self._since = time.monotonic()
 
     def record(self, peer: Peer, ref: str, vault: str | None, outcome: str) -> None:
         """One read; ``ref`` is what may be shown (the caller cuts unbound queries off)."""
+        who = (peer.uid, peer.gid, peer.pid, peer.token)
         if outcome not in SERVED:
-            self._log((peer.uid, peer.gid, peer.pid, ref, vault, outcome), 1)
+            self._log((who, ref, vault, outcome), 1)
             return
-        first = (peer.uid, peer.gid, peer.pid, ref)
+        first = (who, ref)
         if first not in self._seen:
             if len(self._seen) >= MAX_KEYS:
                 self._seen.clear()
@@ -57,6 +60,6 @@ class AuditTrail:
 
     @staticmethod
     def _log(key: Key, count: int, window: float | None = None) -> None:
-        uid, gid, pid, ref, vault, outcome = key
-        log.info("secret.read", ref=ref, vault=vault, uid=uid, gid=gid, pid=pid,
+        (uid, gid, pid, client), ref, vault, outcome = key
+        log.info("secret.read", ref=ref, vault=vault, uid=uid, gid=gid, pid=pid, client=client,
                  outcome=outcome, count=count, interval_seconds=window)  # fmt: skip

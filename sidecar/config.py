@@ -201,6 +201,10 @@ class FacadeKubernetes(_Model):
     jwks_file: Path | None = None  # the keys, as the API server's /openid/v1/jwks serves them
     discovery_url: str | None = Field(default=None, pattern=r"^https?://")  # the issuer's
     ca_file: Path | None = None  # for discovery_url over https with a private CA
+    # Sent as a bearer token to discovery_url's origin only, read at each fetch: the API
+    # server serves discovery to authenticated service accounts by default (the pod's
+    # own /var/run/secrets/kubernetes.io/serviceaccount/token).
+    discovery_token_file: Path | None = None
     token_ttl: float = Field(default=600.0, gt=0, le=86400)  # life of a handed-out token
     leeway: float = Field(default=30.0, ge=0, le=300)  # clock skew allowed on exp/nbf/iat
     roles: tuple[FacadeRole, ...] = Field(min_length=1)

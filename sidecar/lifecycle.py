@@ -1,12 +1,12 @@
 """Start -> ready -> reload -> drain -> stop, in one place.
 
 Resources start in order and close in reverse: socket, API, metrics listener,
-backends, prefetch/readiness. SIGTERM/SIGINT turn readiness off, stop accepting,
-let in-flight requests finish within ``drain_timeout``, close backends and remove
-the socket; a second one removes the socket and exits at once (exit code 1).
+Vault-KV facade, backends, prefetch/readiness. SIGTERM/SIGINT turn readiness off, stop
+accepting, let in-flight requests finish within ``drain_timeout``, close backends and
+remove the socket; a second one removes the socket and exits at once (exit code 1).
 SIGHUP re-reads the configuration; an invalid one is logged and the old kept. A
-reload swaps vaults, cache limits, refresh, ACL, watch and metrics settings; vaults
-that changed are retired (their entries dropped) and closed once their loads in
+reload swaps vaults, cache limits, refresh, ACL, watch, metrics and facade settings;
+vaults that changed are retired (their entries dropped) and closed once their loads in
 flight have ended. Only the listen socket's settings wait for a restart.
 """
 
@@ -32,6 +32,7 @@ from sidecar.cache import Change, Entry, Health, SecretKey
 from sidecar.config import Config
 from sidecar.connections import GuardedSite
 from sidecar.errors import ConfigError, SidecarError, StartupError
+from sidecar.facade import FacadeListener
 from sidecar.logging import get_logger
 from sidecar.metrics import Metrics
 from sidecar.refresh import Refresher
@@ -74,6 +75,7 @@ class Daemon:
         self._pinned: list[SecretKey] = []
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.scrape: web.AppRunner | None = None  # the metrics listener
+        self.facade = FacadeListener(self.state)  # the Vault-KV listener, if enabled
 
     def _changed(self, key: SecretKey, change: Change, entry: Entry) -> None:
         """One log line per transition (not per attempt), metrics, and watcher events."""
@@ -190,6 +192,7 @@ class Daemon:
         self.config = config
         if config.metrics != old.metrics:
             await self._move_metrics(old)
+        await self.facade.reload(old.facade, config.facade)
         sidecar_logging.configure(config.log.level, config.log.format)
         self.metrics.reloads.labels("ok").inc()
         log.info("config.reloaded", retired_vaults=sorted(v.prefix for v in retired),
@@ -231,6 +234,7 @@ class Daemon:
         for task in self._tasks.values():
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.facade.close()
         await self.state.resolver.vaults.close()
         self.state.audit.flush()
         if self.scrape is not None:
@@ -258,6 +262,7 @@ async def _drain(daemon: Daemon, site: web.BaseSite, drain_timeout: float) -> No
     log.info("draining", in_flight=daemon.state.in_flight, timeout_seconds=drain_timeout)
     daemon.not_ready_any_more()
     await site.stop()
+    await daemon.facade.stop_accepting()
     daemon.events.end_all()
     try:
         async with asyncio.timeout(drain_timeout):
@@ -324,6 +329,7 @@ async def serve(
         site = GuardedSite(api, sock, listen)
         await site.start()
         await daemon.start_metrics()
+        await daemon.facade.start(config.facade)
         if handle_signals:
             loop.add_signal_handler(signal.SIGTERM, on_stop)
             loop.add_signal_handler(signal.SIGINT, on_stop)

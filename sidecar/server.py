@@ -54,7 +54,7 @@ Handler = Callable[["State", web.BaseRequest], Awaitable[web.StreamResponse]]
 JSON = "application/json"
 # A single read's vault and outcome, for its request log line.
 OUTCOME = web.RequestKey("outcome", tuple[str | None, str | None])
-# A request whose line aiohttp's parser could not turn into a URL (see _request).
+# A request whose line aiohttp's parser could not turn into a URL (see request_factory).
 UNPARSED = web.RequestKey("unparsed", bool)
 _NO_URL = yarl.URL("/")
 
@@ -119,7 +119,7 @@ async def _guard(state: State, request: web.BaseRequest) -> web.StreamResponse:
             handler = methods.get(request.method)
             if handler is None:
                 raise _NotAllowed(sorted(methods))
-            response = await _limited(state, request, handler)
+            response = await admitted(state, request, handler)
         except ConnectionError:
             raise
         except Exception as exc:  # every error leaves as JSON
@@ -144,7 +144,7 @@ class _NotAllowed(Exception):
         self.allowed = allowed
 
 
-async def _limited(state: State, request: web.BaseRequest, handler: Handler) -> web.StreamResponse:
+async def admitted(state: State, request: web.BaseRequest, handler: Handler) -> web.StreamResponse:
     headers = request.headers
     for name in PROXY_HEADERS:
         if name in headers:
@@ -229,7 +229,7 @@ def _read_now(
             _audit(state, peer, shown, vault, outcome, trace=trace)
 
 
-async def _read(
+async def read(
     state: State, peer: Peer, ref: str, *, force: bool = False, trace: web.BaseRequest | None = None
 ) -> Answer:
     """Resolve one reference for one peer: access, cache, audit.
@@ -279,7 +279,7 @@ def _single_ref(request: web.BaseRequest) -> str:
 
 
 async def get_secret(state: State, request: web.BaseRequest) -> web.Response:
-    answer = await _read(state, _peer(request), _single_ref(request), trace=request)
+    answer = await read(state, _peer(request), _single_ref(request), trace=request)
     return _json(answer.to_json())
 
 
@@ -300,7 +300,7 @@ async def batch(state: State, request: web.BaseRequest) -> web.Response:
 
     async def one(ref: str) -> dict[str, Any]:
         try:
-            return (await _read(state, peer, ref)).to_json()
+            return (await read(state, peer, ref)).to_json()
         except SidecarError as exc:
             return {"ref": ref, **exc.to_json()}
 
@@ -327,7 +327,7 @@ async def refresh(state: State, request: web.BaseRequest) -> web.Response:
         return web.json_response({"refreshed": await state.resolver.refresh_all()})
     results = []
     for ref in refs:
-        answer = await _read(state, peer, ref, force=True)
+        answer = await read(state, peer, ref, force=True)
         results.append({k: v for k, v in answer.to_json().items() if k != "value"})
     return web.json_response({"refreshed": results})
 
@@ -449,10 +449,10 @@ def build_server(state: State) -> web.Server:
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
         return await _guard(state, request)
 
-    return web.Server(handle, access_log=None, request_factory=_request)
+    return web.Server(handle, access_log=None, request_factory=request_factory)
 
 
-def _request(
+def request_factory(
     message: Any, payload: Any, protocol: Any, writer: Any, task: asyncio.Task[None]
 ) -> web.BaseRequest:
     """aiohttp's C parser leaves ``url`` None for a request line it cannot turn into a URL
