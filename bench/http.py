@@ -5,7 +5,9 @@ all prefetched); ``h2load --h1 -m 1`` drives each in turn with keep-alive
 connections (floor, daemon, floor, daemon... for every run and concurrency), the
 server pinned to core 0 and the load to core 1 where there are two. Per request
 latencies come from h2load's log; each figure is the median of the runs, with the
-min-max. Ratios are daemon/floor. Nothing here asserts a timing.
+min-max. Ratios are daemon/floor. The ``facade`` workload reads the same secrets
+through the Vault-KV facade (TCP on loopback, hvac's request shape) and is reported
+beside the daemon's own socket figure. Nothing here asserts a timing.
 
     python -m bench.http                  # make bench: 3 runs, c = 1, 16, 64
     python -m bench.http --quick          # make bench-quick: 1 short run at c = 16
@@ -44,6 +46,7 @@ SECRETS = 1000
 BATCH = 10
 RESULTS = Path(__file__).parent / "results"
 SERVER_CORE, LOAD_CORE = 0, 1
+FACADE_TOKEN = "bench-facade-token-0123456789"
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class Workload:
     uris: list[str]  # paths; h2load takes them in turn
     body: dict[str, Any] | None = None  # POSTed (batch)
     refs_per_request: int = 1
+    facade: bool = False  # over the Vault-KV facade's TCP port instead of the socket
 
 
 def workloads() -> list[Workload]:
@@ -60,6 +64,7 @@ def workloads() -> list[Workload]:
         Workload("single", [path(r) for r in plain]),
         Workload("keyed", [path(r) for r in keyed_refs()]),
         Workload("batch", ["/v1/secrets:batch"], {"refs": plain[:BATCH]}, BATCH),
+        Workload("facade", [f"/v1/secret/data/env/bench-{i}" for i in range(SECRETS)], facade=True),
     ]
 
 
@@ -89,8 +94,10 @@ def _server(
     kind: str,
     work: Path,
     env: dict[str, str],
+    *,
     prefetch: list[str] | None = None,
     metrics_port: int | None = None,
+    facade_port: int | None = None,
 ) -> Iterator[tuple[Path, int, float]]:
     """Start the floor or the daemon; yield its socket, pid and exec -> ready seconds."""
     socket_path = work / f"{kind}.sock"
@@ -109,6 +116,13 @@ def _server(
             "limits": {"rate": 1e9, "burst": 10**6},
             "cache": {"max_entries": 200_000},
         }
+        if facade_port is not None:
+            config["facade"] = {
+                "enabled": True,
+                "address": f"127.0.0.1:{facade_port}",
+                "tokens": [{"name": "bench", "token_env": "BENCH_FACADE_TOKEN", "allow": ["*"]}],
+            }
+            env = {**env, "BENCH_FACADE_TOKEN": FACADE_TOKEN}
         (work / "daemon.yaml").write_text(yaml.safe_dump(config))
         command = [sys.executable, "-m", "sidecar", "run", "-c", str(work / "daemon.yaml")]
     log = (work / f"{kind}.log").open("ab")
@@ -222,16 +236,22 @@ def rss_mib(pid: int) -> float:
 
 
 def _h2load(
-    socket_path: Path, load: Workload, concurrency: int, duration: float, work: Path
+    target: Path | str, load: Workload, concurrency: int, duration: float, work: Path
 ) -> tuple[float, list[float], int]:
-    """req/s, per-request latencies in ms, failed requests."""
+    """req/s, per-request latencies in ms, failed requests; ``target`` is a Unix socket
+    or (the facade) an ``http://host:port`` base."""
     uris = work / f"{load.name}.uris"
-    uris.write_text("".join(f"http://bench{u}\n" for u in load.uris))
+    base = target if isinstance(target, str) else "http://bench"
+    uris.write_text("".join(f"{base}{u}\n" for u in load.uris))
     log = work / "h2load.log"
     log.unlink(missing_ok=True)
     command = [*_pinned(LOAD_CORE), "h2load", "--h1", "-m", "1", "-t", "1",
                "-c", str(concurrency), "-D", f"{duration:g}", "--warm-up-time", "1",
-               "-B", f"unix:{socket_path}", "-i", str(uris), "--log-file", str(log)]  # fmt: skip
+               "-i", str(uris), "--log-file", str(log)]  # fmt: skip
+    if isinstance(target, Path):
+        command += ["-B", f"unix:{target}"]
+    else:
+        command += ["-H", f"X-Vault-Token: {FACADE_TOKEN}"]
     if load.body is not None:
         body = work / f"{load.name}.json"
         body.write_text(json.dumps(load.body))
@@ -267,19 +287,26 @@ def measure(
     chosen = [w for w in workloads() if w.name in names]
     samples: list[Sample] = []
     facts: dict[str, Any] = {}
+    facade = f"http://127.0.0.1:{_free_port()}"
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         work = Path(tmp)
+        facade_port = int(facade.rpartition(":")[2])
         with (
             _server("floor", work, env) as (floor_socket, _, _),
-            _server("daemon", work, env) as (daemon_socket, daemon_pid, ready),
-        ):
+            _server("daemon", work, env, facade_port=facade_port) as (
+                daemon_socket, daemon_pid, ready),
+        ):  # fmt: skip
             facts["daemon_exec_to_ready_seconds"] = round(ready, 3)
             facts["daemon_rss_mib_before"] = round(rss_mib(daemon_pid), 1)
             for run in range(runs):
                 for load in chosen:
                     for c in concurrencies:
-                        for server, sock in (("floor", floor_socket), ("daemon", daemon_socket)):
-                            rps, latencies, failed = _h2load(sock, load, c, duration, work)
+                        targets: list[tuple[str, Path | str]] = (
+                            [("facade", facade)] if load.facade
+                            else [("floor", floor_socket), ("daemon", daemon_socket)]
+                        )  # fmt: skip
+                        for server, target in targets:
+                            rps, latencies, failed = _h2load(target, load, c, duration, work)
                             samples.append(Sample(
                                 server, load.name, c, run, rps, rps * load.refs_per_request,
                                 _percentile(latencies, 0.5), _percentile(latencies, 0.99),
@@ -309,7 +336,7 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Per workload and concurrency: medians (and min-max) per server, daemon/floor ratio."""
     rows = []
     samples = [Sample(**s) for s in result["samples"]]
-    keys = sorted({(s.workload, s.concurrency) for s in samples}, key=lambda k: (k[0], k[1]))
+    keys = sorted({(s.workload, s.concurrency) for s in samples if s.server != "facade"})
     for workload, c in keys:
         row: dict[str, Any] = {"workload": workload, "concurrency": c}
         for server in ("floor", "daemon"):
@@ -325,6 +352,30 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "failed": sum(s.failed for s in mine),
             }
         row["ratio"] = row["daemon"]["refs_per_second"] / row["floor"]["refs_per_second"]
+        rows.append(row)
+    return rows
+
+
+def summarize_facade(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per concurrency: the facade's median beside the daemon's socket ``single`` median."""
+    samples = [Sample(**s) for s in result["samples"]]
+    rows = []
+    for c in sorted({s.concurrency for s in samples if s.server == "facade"}):
+        facade = [s for s in samples if s.server == "facade" and s.concurrency == c]
+        socket_ = [s for s in samples if (s.server, s.workload, s.concurrency) ==
+                   ("daemon", "single", c)]  # fmt: skip
+        row: dict[str, Any] = {
+            "concurrency": c,
+            "facade_refs_per_second": statistics.median(s.refs_per_second for s in facade),
+            "facade_p50_ms": statistics.median(s.p50_ms for s in facade),
+            "facade_p99_ms": statistics.median(s.p99_ms for s in facade),
+            "failed": sum(s.failed for s in facade),
+        }
+        if socket_:
+            row["socket_refs_per_second"] = statistics.median(s.refs_per_second for s in socket_)
+            row["facade_over_socket"] = (
+                row["facade_refs_per_second"] / row["socket_refs_per_second"]
+            )
         rows.append(row)
     return rows
 
@@ -349,6 +400,19 @@ def markdown(rows: list[dict[str, Any]], result: dict[str, Any], runs: int) -> s
             f" | {d['p50_ms']:.2f} / {d['p99_ms']:.2f} / {d['p999_ms']:.2f}"
             f" | {fl['p50_ms']:.2f} / {fl['p99_ms']:.2f} | {d['failed'] + fl['failed']} |"
         )
+    facade = summarize_facade(result)
+    if facade:
+        lines += ["", "| over the Vault-KV facade (TCP) | c | refs/s | p50 / p99 ms"
+                  " | socket `single` refs/s | facade/socket | failed |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        for row in facade:
+            ratio = row.get("facade_over_socket")
+            lines.append(
+                f"| facade | {row['concurrency']} | {row['facade_refs_per_second']:,.0f}"
+                f" | {row['facade_p50_ms']:.2f} / {row['facade_p99_ms']:.2f}"
+                f" | {row.get('socket_refs_per_second', float('nan')):,.0f}"
+                f" | {'-' if ratio is None else f'{ratio:.2f}x'} | {row['failed']} |"
+            )
     lines += ["", f"Daemon exec -> ready with {SECRETS + 100} prefetched: "
               f"{f['daemon_exec_to_ready_seconds']} s; RSS {f['daemon_rss_mib_before']} MiB"
               f" before the load, {f['daemon_rss_mib_after']} MiB after."]  # fmt: skip
@@ -416,7 +480,8 @@ def main() -> None:
     if args.save:
         RESULTS.mkdir(exist_ok=True)
         stem = RESULTS / datetime.now(UTC).strftime("%Y-%m-%d")
-        stem.with_suffix(".json").write_text(json.dumps({**result, "summary": rows}, indent=1))
+        summary = {"summary": rows, "facade": summarize_facade(result)}
+        stem.with_suffix(".json").write_text(json.dumps({**result, **summary}, indent=1))
         stem.with_suffix(".md").write_text(table)
         if plot(rows, stem.with_suffix(".png")):
             print(f"wrote {stem}.json, .md and .png")
