@@ -7,8 +7,9 @@ Kong's reference parsing and key extraction) and ``tests/kong/lua/kong/vaults/hc
 stand-in for Kong's hcv vault that sends over a cosocket the requests that vault sends
 (method, path, query, headers, the login body, keep-alive) and reads the answers as it
 does (404 "not found", other non-2xx an error with the body, ``data.data`` for KV v2 and
-``data`` for v1 encoded again as JSON, then Kong's key lookup). What Kong's errors say
-is asserted word for word: it is what a Konnect user sees in the gateway's log.
+``data`` for v1 encoded again as JSON, then Kong's key lookup); the last test pins
+those bytes against a recording peer. What Kong's errors say is asserted word for
+word: it is what a Konnect user sees in the gateway's log.
 """
 
 from __future__ import annotations
@@ -249,3 +250,89 @@ async def test_kubernetes_login_then_reads_with_the_handed_out_token(
         "no authentication mechanism worked for vault)"
     )
     assert (await stats(refused))["logins"] == 1
+
+
+ISSUED = "issued-0123456789abcdef"  # the client token the recording peer hands out
+
+
+class RecordingVault:
+    """A loopback TCP peer that keeps each request's bytes and answers as Vault would:
+    the login with a client token, a read with ``{"data": {"data": ...}}``."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[list[str], bytes]] = []  # head lines, body
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        try:
+            while True:  # requests on the kept-alive connection, until Kong closes it
+                head = (await reader.readuntil(b"\r\n\r\n")).decode().split("\r\n")[:-2]
+                fields = {k.lower(): v for k, _, v in (h.partition(": ") for h in head[1:])}
+                body = await reader.readexactly(int(fields.get("content-length", "0")))
+                self.requests.append((head, body))
+                if head[0].startswith("POST"):
+                    answer: Any = {"auth": {"client_token": ISSUED, "lease_duration": 60}}
+                else:
+                    answer = {"data": {"data": {"password": "p4ss"}, "metadata": {}}}
+                payload = json.dumps(answer).encode()
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))  # fmt: skip
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        for writer in self.writers:
+            writer.close()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+async def test_the_stand_in_sends_what_kongs_hcv_vault_sends(
+    make_nginx: MakeNginx, tmp_path: Path
+) -> None:
+    """What every test above relies on: the requests on the wire are the hcv vault's
+    (lua-resty-http's bytes): a token read is GET with X-Vault-Token, Host and
+    User-Agent only, ``?version=n`` for ``#n``; a Kubernetes login is POST with
+    ``X-Vault-Namespace: root``, Content-Length, no Content-Type and ``{jwt, role}``,
+    and the read after it carries the handed-out token."""
+    vault = RecordingVault()
+    port = await vault.start()
+    try:
+        nginx = gateway(make_nginx, tmp_path, port)
+        assert (await nginx.kong("{vault://kv/aws-prod/db/creds/password#3}"))["value"] == "p4ss"
+        token_file = tmp_path / "sa-token"
+        token_file.write_text("header.payload.signature")
+        login = gateway(make_nginx, tmp_path, port, auth_method="kubernetes", token=None,
+                        kube_role="kong", kube_api_token_file=str(token_file))  # fmt: skip
+        assert (await login.kong("{vault://kv/env/db-json/password}"))["value"] == "p4ss"
+    finally:
+        await vault.stop()
+
+    def headers(head: list[str]) -> dict[str, str]:
+        return dict(line.split(": ", 1) for line in head[1:])
+
+    (read_head, read_body), (login_head, login_body), (after_head, _) = vault.requests
+    user_agent = headers(read_head)["User-Agent"]
+    assert user_agent.startswith("lua-resty-http/0.17.2 (Lua) ngx_lua/")
+    host = f"127.0.0.1:{port}"
+    assert read_head[0] == "GET /v1/secret/data/aws-prod/db/creds?version=3 HTTP/1.1"
+    assert headers(read_head) == {"X-Vault-Token": TOKEN, "Host": host, "User-Agent": user_agent}
+    assert read_body == b""
+    assert login_head[0] == "POST /v1/auth/kubernetes/login HTTP/1.1"
+    assert headers(login_head) == {"X-Vault-Namespace": "root", "Host": host,
+                                   "Content-Length": str(len(login_body)),
+                                   "User-Agent": user_agent}  # fmt: skip
+    assert json.loads(login_body) == {"jwt": "header.payload.signature", "role": "kong"}
+    assert after_head[0] == "GET /v1/secret/data/env/db-json HTTP/1.1"
+    assert headers(after_head)["X-Vault-Token"] == ISSUED
