@@ -205,7 +205,9 @@ class FacadeKubernetes(_Model):
     # server serves discovery to authenticated service accounts by default (the pod's
     # own /var/run/secrets/kubernetes.io/serviceaccount/token).
     discovery_token_file: Path | None = None
-    token_ttl: float = Field(default=600.0, gt=0, le=86400)  # life of a handed-out token
+    # Life of a handed-out token. Short, because Kong caches it for its lease and keeps
+    # using it after a sidecar restart (which forgets it): reads fail until it expires.
+    token_ttl: float = Field(default=120.0, gt=0, le=86400)
     leeway: float = Field(default=30.0, ge=0, le=300)  # clock skew allowed on exp/nbf/iat
     roles: tuple[FacadeRole, ...] = Field(min_length=1)
 

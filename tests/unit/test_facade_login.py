@@ -55,7 +55,8 @@ def issuer(keys: dict[str, rsa.RSAPrivateKey]) -> Issuer:
 
 
 def settings(**changes: Any) -> FacadeKubernetes:
-    fields: dict[str, Any] = {"issuer": ISSUER, "audience": AUDIENCE, "roles": ROLES}
+    fields: dict[str, Any] = {"issuer": ISSUER, "audience": AUDIENCE, "roles": ROLES,
+                             "token_ttl": 600}  # fmt: skip
     return FacadeKubernetes(**{**fields, **changes})
 
 
