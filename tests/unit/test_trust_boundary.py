@@ -273,11 +273,11 @@ async def test_a_memoized_binding_still_checks_each_peers_access(
     daemon = Daemon(config, Metrics(), time.monotonic)
     ref = "{vault://env/db-password}"
     allowed, other = Peer(1, 1000, 1000), Peer(2, 2000, 2000)
-    assert (await server._read(daemon.state, allowed, ref)).value == "pw"
+    assert (await server.read(daemon.state, allowed, ref)).value == "pw"
     assert daemon.state.resolver.bound(ref) is not None  # memoized
     for _ in range(2):
         with pytest.raises(Forbidden):
-            await server._read(daemon.state, other, ref)
+            await server.read(daemon.state, other, ref)
         with pytest.raises(Forbidden):
             server._read_now(daemon.state, other, ref)
-    assert (await server._read(daemon.state, allowed, ref)).value == "pw"
+    assert (await server.read(daemon.state, allowed, ref)).value == "pw"
