@@ -49,7 +49,7 @@ audit: $(BIN)/.installed
 	$(BIN)/python tools/audit.py
 
 test: lint audit $(TOOLS)/.installed
-	$(BIN)/pytest --cov --cov-report=term-missing:skip-covered
+	$(BIN)/pytest -n 2 --cov --cov-report=term-missing:skip-covered
 
 # The image's wheelhouse (see Dockerfile): the lock's wheels for linux x86_64 CPython 3.11
 # and the project's own wheel, so the image builds without an index. Downloads already
