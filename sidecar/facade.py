@@ -45,7 +45,7 @@ from sidecar.facade_tokens import TokenTable
 from sidecar.logging import get_logger
 from sidecar.resolver import Answer
 from sidecar.schedule import NEVER
-from sidecar.server import CLIENT_GONE, OUTCOME, State, admitted, read, request_factory
+from sidecar.server import CLIENT_GONE, State, admitted, observe, read, request_factory
 
 log = get_logger("sidecar.facade")
 
@@ -153,7 +153,6 @@ async def _guard(facade: Facade, request: web.BaseRequest) -> web.StreamResponse
     errors (the path is not logged: it names secret ids; the audit trail has them)."""
     started = time.perf_counter()
     status = 500
-    state = facade.state
     try:
         try:
             response = await _route(facade, request)
@@ -167,12 +166,7 @@ async def _guard(facade: Facade, request: web.BaseRequest) -> web.StreamResponse
         status = CLIENT_GONE
         raise
     finally:
-        elapsed = time.perf_counter() - started
-        state.metrics.observe_request(ENDPOINT, status, elapsed)
-        if status >= 400 or state.log_requests:
-            vault, outcome = request.get(OUTCOME, (None, None))
-            log.info("request", method=request.method, endpoint=ENDPOINT, status=status,
-                     duration_ms=round(elapsed * 1000, 3), vault=vault, cache=outcome)  # fmt: skip
+        observe(facade.state, request, ENDPOINT, status, started)
 
 
 async def _route(facade: Facade, request: web.BaseRequest) -> web.StreamResponse:

@@ -130,12 +130,20 @@ async def _guard(state: State, request: web.BaseRequest) -> web.StreamResponse:
         status = CLIENT_GONE
         raise  # nobody to answer: aiohttp drops the connection
     finally:
-        elapsed = time.perf_counter() - started
-        state.metrics.observe_request(endpoint, status, elapsed)
-        if status >= 400 or state.log_requests:
-            vault, outcome = request.get(OUTCOME, (None, None))
-            log.info("request", method=request.method, endpoint=endpoint, status=status,
-                     duration_ms=round(elapsed * 1000, 3), vault=vault, cache=outcome)  # fmt: skip
+        observe(state, request, endpoint, status, started)
+
+
+def observe(
+    state: State, request: web.BaseRequest, endpoint: str, status: int, started: float
+) -> None:
+    """Every listener's account of a request: one metric, and a log line for errors (or
+    for every request with ``log.requests: all``), naming the endpoint, never the path."""
+    elapsed = time.perf_counter() - started
+    state.metrics.observe_request(endpoint, status, elapsed)
+    if status >= 400 or state.log_requests:
+        vault, outcome = request.get(OUTCOME, (None, None))
+        log.info("request", method=request.method, endpoint=endpoint, status=status,
+                 duration_ms=round(elapsed * 1000, 3), vault=vault, cache=outcome)  # fmt: skip
 
 
 class _NotAllowed(Exception):
