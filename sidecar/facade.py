@@ -24,7 +24,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
 import orjson
@@ -40,12 +40,14 @@ from sidecar.errors import (
     SidecarError,
     StartupError,
 )
-from sidecar.facade_login import KubernetesLogin
 from sidecar.facade_tokens import TokenTable
 from sidecar.logging import get_logger
 from sidecar.resolver import Answer
 from sidecar.schedule import NEVER
 from sidecar.server import CLIENT_GONE, State, admitted, observe, read, request_factory
+
+if TYPE_CHECKING:  # PyJWT and cryptography: about 9 MiB and 50 ms, for Kubernetes login only
+    from sidecar.facade_login import KubernetesLogin
 
 log = get_logger("sidecar.facade")
 
@@ -92,6 +94,8 @@ class FacadeListener:
         self.tokens.revoke_names({f"kubernetes:{role.name}" for role in roles})
         login = None
         if config.kubernetes is not None:
+            from sidecar.facade_login import KubernetesLogin  # noqa: PLC0415 - see the top
+
             login = KubernetesLogin(
                 config.kubernetes,
                 self.tokens,
