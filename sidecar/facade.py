@@ -15,7 +15,6 @@ with 404 for not found, 403 for a bad token or a path outside its rule).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -44,7 +43,15 @@ from sidecar.facade_tokens import TokenTable
 from sidecar.logging import get_logger
 from sidecar.resolver import Answer
 from sidecar.schedule import NEVER
-from sidecar.server import CLIENT_GONE, State, admitted, observe, read, request_factory
+from sidecar.server import (
+    CLIENT_GONE,
+    State,
+    admitted,
+    json_body,
+    observe,
+    read,
+    request_factory,
+)
 
 if TYPE_CHECKING:  # PyJWT and cryptography: about 9 MiB and 50 ms, for Kubernetes login only
     from sidecar.facade_login import KubernetesLogin
@@ -302,13 +309,7 @@ def _data(value: str) -> dict[str, Any]:
 
 
 async def _login(state: State, request: web.BaseRequest, login: KubernetesLogin) -> web.Response:
-    try:
-        async with asyncio.timeout(state.body_timeout):
-            body = await request.json(loads=json.loads)
-    except TimeoutError:
-        raise InvalidRequest("request body not received in time") from None
-    except (ValueError, RecursionError):
-        raise InvalidRequest('body must be JSON: {"jwt": ..., "role": ...}') from None
+    body = await json_body(state, request, '{"jwt": ..., "role": ...}')
     if not isinstance(body, dict):
         raise InvalidRequest('body must be {"jwt": "<token>", "role": "<role>"}')
     issued = await login.login(body.get("jwt"), body.get("role"))  # it logs the outcome

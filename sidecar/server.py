@@ -291,14 +291,24 @@ async def get_secret(state: State, request: web.BaseRequest) -> web.Response:
     return _json(answer.to_json())
 
 
-async def batch(state: State, request: web.BaseRequest) -> web.Response:
+async def json_body(state: State, request: web.BaseRequest, shape: str) -> Any:
+    """The request's JSON body, within ``body_timeout``. A client that closes before its
+    body is complete is gone, not a server error: aiohttp raises a bare RuntimeError
+    ("Connection closed.") for it, turned here into the ConnectionError ``_guard`` and
+    the facade count as 499."""
     try:
         async with asyncio.timeout(state.body_timeout):
-            body = await request.json(loads=json.loads)
+            return await request.json(loads=json.loads)
     except TimeoutError:
         raise RequestTimeout(f"request body not received within {state.body_timeout:g} s") from None
     except (ValueError, RecursionError):  # RecursionError: nesting deeper than json can parse
-        raise InvalidRequest('body must be JSON: {"refs": [...]}') from None
+        raise InvalidRequest(f"body must be JSON: {shape}") from None
+    except RuntimeError as exc:
+        raise ConnectionResetError("the client closed the connection mid-body") from exc
+
+
+async def batch(state: State, request: web.BaseRequest) -> web.Response:
+    body = await json_body(state, request, '{"refs": [...]}')
     refs = body.get("refs") if isinstance(body, dict) else None
     if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
         raise InvalidRequest('body must be {"refs": [<reference string>, ...]}')

@@ -281,3 +281,21 @@ async def test_a_memoized_binding_still_checks_each_peers_access(
         with pytest.raises(Forbidden):
             server._read_now(daemon.state, other, ref)
     assert (await server.read(daemon.state, allowed, ref)).value == "pw"
+
+
+async def test_a_body_whose_connection_is_already_gone_is_a_client_gone() -> None:
+    """aiohttp raises a bare RuntimeError("Connection closed.") when a handler starts
+    reading the body of a connection already closed (a pipelined request behind one the
+    client stopped waiting for, as the socket fuzzer found): that is the client gone
+    (ConnectionResetError, a 499), not an internal error (a 500 and request.failed)."""
+    from aiohttp import streams  # noqa: PLC0415
+    from aiohttp.test_utils import make_mocked_request  # noqa: PLC0415
+
+    class Closed:  # the protocol of a connection that is gone, as StreamReader sees it
+        connected = False
+
+    daemon = Daemon(parse_config({"metrics": {"address": ""}}), Metrics(), time.monotonic)
+    payload = streams.StreamReader(Closed(), 2**16, loop=asyncio.get_running_loop())  # type: ignore[arg-type]
+    request = make_mocked_request("POST", "/v1/secrets:batch", payload=payload)
+    with pytest.raises(ConnectionResetError):
+        await server.batch(daemon.state, request)
