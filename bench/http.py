@@ -7,7 +7,9 @@ server pinned to core 0 and the load to core 1 where there are two. Per request
 latencies come from h2load's log; each figure is the median of the runs, with the
 min-max. Ratios are daemon/floor. The ``facade`` workload reads the same secrets
 through the Vault-KV facade (TCP on loopback, hvac's request shape) and is reported
-beside the daemon's own socket figure. Nothing here asserts a timing.
+beside the daemon's own socket figure. The ``cold`` workload (``make bench`` only) reads
+secrets never read before from a Vault test server that takes ``BACKEND_LATENCY`` per
+request: every read is a cache miss and a backend call. Nothing here asserts a timing.
 
     python -m bench.http                  # make bench: 3 runs, c = 1, 16, 64
     python -m bench.http --quick          # make bench-quick: 1 short run at c = 16
@@ -32,7 +34,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,8 @@ BATCH = 10
 RESULTS = Path(__file__).parent / "results"
 SERVER_CORE, LOAD_CORE = 0, 1
 FACADE_TOKEN = "bench-facade-token-0123456789"
+BACKEND_LATENCY = 0.02  # the cold workload's Vault: 20 ms a request, as across a region
+COLD_PER_RUN = 6000  # fresh secret ids per h2load run: more than 5 s of cold misses read
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,7 @@ class Workload:
     body: dict[str, Any] | None = None  # POSTed (batch)
     refs_per_request: int = 1
     facade: bool = False  # over the Vault-KV facade's TCP port instead of the socket
+    cold: bool = False  # fresh ids from the slow Vault each run: daemon only, no floor
 
 
 def workloads() -> list[Workload]:
@@ -65,7 +70,36 @@ def workloads() -> list[Workload]:
         Workload("keyed", [path(r) for r in keyed_refs()]),
         Workload("batch", ["/v1/secrets:batch"], {"refs": plain[:BATCH]}, BATCH),
         Workload("facade", [f"/v1/secret/data/env/bench-{i}" for i in range(SECRETS)], facade=True),
+        Workload("cold", [], cold=True),  # its URIs are made per run (cold_uris)
     ]
+
+
+def cold_uris(run_slice: int) -> list[str]:
+    return [path(f"{{vault://slow/cold-{run_slice}-{i}}}") for i in range(COLD_PER_RUN)]
+
+
+@contextmanager
+def _slow_vault(slices: int) -> Iterator[dict[str, Any] | None]:
+    """The cold workload's Vault (a test server with ``latency``) holding every id the
+    runs will read, as a sidecar vault entity; None when no run reads it."""
+    if slices == 0:
+        yield None
+        return
+    from tests.backends.vault_server import FakeVault  # noqa: PLC0415 - make bench only
+
+    vault = FakeVault()
+    vault.enable_kv("secret", "v1")
+    for run_slice in range(slices):
+        for i in range(COLD_PER_RUN):
+            vault.put("secret", f"cold-{run_slice}-{i}", {"value": f"cold-{i}"})
+    vault.latency = BACKEND_LATENCY
+    vault.start()
+    try:
+        token = vault.create_token()
+        yield {"prefix": "slow", "name": "hcv",
+               "config": {"port": vault.port, "token": token, "kv": "v1"}}  # fmt: skip
+    finally:
+        vault.stop()
 
 
 @dataclass(frozen=True)
@@ -98,6 +132,7 @@ def _server(
     prefetch: list[str] | None = None,
     metrics_port: int | None = None,
     facade_port: int | None = None,
+    vaults: list[dict[str, Any]] | None = None,
 ) -> Iterator[tuple[Path, int, float]]:
     """Start the floor or the daemon; yield its socket, pid and exec -> ready seconds."""
     socket_path = work / f"{kind}.sock"
@@ -115,6 +150,7 @@ def _server(
             "prefetch": [*plain_refs(SECRETS), *keyed_refs()] if prefetch is None else prefetch,
             "limits": {"rate": 1e9, "burst": 10**6},
             "cache": {"max_entries": 200_000},
+            "vaults": vaults or [],
         }
         if facade_port is not None:
             config["facade"] = {
@@ -288,23 +324,30 @@ def measure(
     samples: list[Sample] = []
     facts: dict[str, Any] = {}
     facade = f"http://127.0.0.1:{_free_port()}"
+    slices = runs * len(concurrencies) if any(w.cold for w in chosen) else 0
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         work = Path(tmp)
         facade_port = int(facade.rpartition(":")[2])
         with (
+            _slow_vault(slices) as slow,
             _server("floor", work, env) as (floor_socket, _, _),
-            _server("daemon", work, env, facade_port=facade_port) as (
-                daemon_socket, daemon_pid, ready),
+            _server("daemon", work, env, facade_port=facade_port,
+                    vaults=[slow] if slow else None) as (daemon_socket, daemon_pid, ready),
         ):  # fmt: skip
+            cold_slices = iter(range(slices))
             facts["daemon_exec_to_ready_seconds"] = round(ready, 3)
             facts["daemon_rss_mib_before"] = round(rss_mib(daemon_pid), 1)
             for run in range(runs):
-                for load in chosen:
+                for workload in chosen:
                     for c in concurrencies:
+                        load = workload
                         targets: list[tuple[str, Path | str]] = (
                             [("facade", facade)] if load.facade
+                            else [("daemon", daemon_socket)] if load.cold
                             else [("floor", floor_socket), ("daemon", daemon_socket)]
                         )  # fmt: skip
+                        if load.cold:
+                            load = replace(load, uris=cold_uris(next(cold_slices)))
                         for server, target in targets:
                             rps, latencies, failed = _h2load(target, load, c, duration, work)
                             samples.append(Sample(
@@ -336,7 +379,7 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Per workload and concurrency: medians (and min-max) per server, daemon/floor ratio."""
     rows = []
     samples = [Sample(**s) for s in result["samples"]]
-    keys = sorted({(s.workload, s.concurrency) for s in samples if s.server != "facade"})
+    keys = sorted({(s.workload, s.concurrency) for s in samples if s.server == "floor"})
     for workload, c in keys:
         row: dict[str, Any] = {"workload": workload, "concurrency": c}
         for server in ("floor", "daemon"):
@@ -353,6 +396,23 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
             }
         row["ratio"] = row["daemon"]["refs_per_second"] / row["floor"]["refs_per_second"]
         rows.append(row)
+    return rows
+
+
+def summarize_cold(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per concurrency: cache misses served per second against the slow Vault."""
+    samples = [Sample(**s) for s in result["samples"] if s["workload"] == "cold"]
+    rows = []
+    for c in sorted({s.concurrency for s in samples}):
+        mine = [s for s in samples if s.concurrency == c]
+        rows.append({
+            "concurrency": c,
+            "refs_per_second": statistics.median(s.refs_per_second for s in mine),
+            "p50_ms": statistics.median(s.p50_ms for s in mine),
+            "p99_ms": statistics.median(s.p99_ms for s in mine),
+            "p999_ms": statistics.median(s.p999_ms for s in mine),
+            "failed": sum(s.failed for s in mine),
+        })  # fmt: skip
     return rows
 
 
@@ -413,6 +473,17 @@ def markdown(rows: list[dict[str, Any]], result: dict[str, Any], runs: int) -> s
                 f" | {row.get('socket_refs_per_second', float('nan')):,.0f}"
                 f" | {'-' if ratio is None else f'{ratio:.2f}x'} | {row['failed']} |"
             )
+    misses = summarize_cold(result)
+    if misses:
+        lines += ["", f"| cold misses (Vault test server, {BACKEND_LATENCY * 1000:g} ms a request)"
+                  " | c | refs/s | p50 / p99 / p99.9 ms | failed |",
+                  "| --- | --- | --- | --- | --- |"]  # fmt: skip
+        for row in misses:
+            lines.append(
+                f"| cold | {row['concurrency']} | {row['refs_per_second']:,.0f}"
+                f" | {row['p50_ms']:.2f} / {row['p99_ms']:.2f} / {row['p999_ms']:.2f}"
+                f" | {row['failed']} |"
+            )
     lines += ["", f"Daemon exec -> ready with {SECRETS + 100} prefetched: "
               f"{f['daemon_exec_to_ready_seconds']} s; RSS {f['daemon_rss_mib_before']} MiB"
               f" before the load, {f['daemon_rss_mib_after']} MiB after."]  # fmt: skip
@@ -469,6 +540,7 @@ def main() -> None:
         sys.exit("h2load not found: apt-get install nghttp2-client")
     if args.quick:
         args.runs, args.duration, args.concurrency = 1, 2.0, [16]
+        args.workloads = [w for w in args.workloads if w != "cold"]  # CI: no Vault to fill
     result = measure(args.runs, args.concurrency, args.duration, args.workloads)
     result["facts"]["cold_reads"] = cold_reads()
     if not args.quick:
@@ -480,7 +552,8 @@ def main() -> None:
     if args.save:
         RESULTS.mkdir(exist_ok=True)
         stem = RESULTS / datetime.now(UTC).strftime("%Y-%m-%d")
-        summary = {"summary": rows, "facade": summarize_facade(result)}
+        summary = {"summary": rows, "facade": summarize_facade(result),
+                   "cold": summarize_cold(result)}  # fmt: skip
         stem.with_suffix(".json").write_text(json.dumps({**result, **summary}, indent=1))
         stem.with_suffix(".md").write_text(table)
         if plot(rows, stem.with_suffix(".png")):

@@ -170,6 +170,7 @@ class FakeVault:
         self.seen: list[Seen] = []
         self.sealed = False
         self.hang = False
+        self.latency = 0.0  # seconds each request takes (a distant Vault, for benchmarks)
         self._failures: list[int] = []
         self.failing: int | None = None  # answer every request with this status
         self._names = iter(range(1, 1_000_000))
@@ -326,6 +327,8 @@ class FakeVault:
         )
         if self.hang:
             await self._release.wait()
+        if self.latency:
+            await asyncio.sleep(self.latency)
         status = self._failures.pop(0) if self._failures else self.failing
         if status is not None:
             return _errors(status, f"injected failure {status}")
