@@ -67,8 +67,8 @@ _DENIED = {"errors": ["permission denied"]}
 
 @dataclass
 class Facade:
-    """What the facade's handlers read; lifecycle swaps ``config`` on reload (the
-    ``state`` is the daemon's own, so reloads of vaults and ACL reach it too)."""
+    """What the facade's handlers read. ``state`` is the daemon's own, so a reload of
+    vaults or ACL reaches the facade too; new facade settings make a new ``Facade``."""
 
     state: State
     config: FacadeConfig
