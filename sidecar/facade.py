@@ -35,7 +35,6 @@ from sidecar.errors import (
     ConfigError,
     Forbidden,
     InvalidRequest,
-    MethodNotAllowed,
     SidecarError,
     StartupError,
 )
@@ -45,6 +44,7 @@ from sidecar.resolver import Answer
 from sidecar.schedule import NEVER
 from sidecar.server import (
     CLIENT_GONE,
+    NotAllowed,
     State,
     admitted,
     json_body,
@@ -190,7 +190,7 @@ async def _route(facade: Facade, request: web.BaseRequest) -> web.StreamResponse
         if parts[3:] != [config.kubernetes.auth_path, "login"]:
             raise _NotFound
         if request.method != "POST":
-            raise _NotAllowed(["POST"])
+            raise NotAllowed(["POST"])
         return await admitted(facade.state, request, lambda s, r: _login(s, r, login))
     if parts[2] != config.mount:
         raise _NotFound
@@ -200,14 +200,8 @@ async def _route(facade: Facade, request: web.BaseRequest) -> web.StreamResponse
             raise _NotFound  # metadata/, delete/, destroy/...: not served
         rest = rest[1:]
     if request.method != "GET":
-        raise _NotAllowed(["GET"])
+        raise NotAllowed(["GET"])
     return await admitted(facade.state, request, lambda s, r: _read_secret(facade, r, rest))
-
-
-class _NotAllowed(Exception):
-    def __init__(self, allowed: list[str]) -> None:
-        super().__init__("method not allowed")
-        self.allowed = allowed
 
 
 def _peer(facade: Facade, request: web.BaseRequest) -> Peer:
@@ -341,7 +335,7 @@ _NOT_FOUND = frozenset({"not_found", "unknown_vault"})
 def _error(exc: Exception) -> web.Response:
     if isinstance(exc, _NotFound):
         return _json({"errors": []}, 404)
-    if isinstance(exc, _NotAllowed):
+    if isinstance(exc, NotAllowed):
         response = _json({"errors": ["unsupported operation"]}, 405)
         response.headers["Allow"] = ", ".join(exc.allowed)
         return response
@@ -350,8 +344,7 @@ def _error(exc: Exception) -> web.Response:
             return _json({"errors": []}, 404)
         if isinstance(exc, Forbidden):
             return _json(_DENIED, 403)
-        status = 405 if isinstance(exc, MethodNotAllowed) else exc.status
-        return _json({"errors": [exc.message]}, status)
+        return _json({"errors": [exc.message]}, exc.status)
     if isinstance(exc, web.HTTPException):
         return _json({"errors": [exc.reason]}, exc.status)
     log.error("request.failed", endpoint=ENDPOINT, error_type=type(exc).__name__)

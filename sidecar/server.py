@@ -118,7 +118,7 @@ async def _guard(state: State, request: web.BaseRequest) -> web.StreamResponse:
                 raise UnknownRoute("no such endpoint; see /v1/secrets, /v1/status, /healthz")
             handler = methods.get(request.method)
             if handler is None:
-                raise _NotAllowed(sorted(methods))
+                raise NotAllowed(sorted(methods))
             response = await admitted(state, request, handler)
         except ConnectionError:
             raise
@@ -146,7 +146,9 @@ def observe(
                  duration_ms=round(elapsed * 1000, 3), vault=vault, cache=outcome)  # fmt: skip
 
 
-class _NotAllowed(Exception):
+class NotAllowed(Exception):
+    """A known path asked with another method; ``allowed`` goes to the Allow header."""
+
     def __init__(self, allowed: list[str]) -> None:
         super().__init__("method not allowed")
         self.allowed = allowed
@@ -182,7 +184,7 @@ def _error_response(request: web.BaseRequest, exc: Exception) -> web.Response:
         return _error(exc)
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return _error(PayloadTooLarge(f"request body exceeds {MAX_BODY} bytes"))
-    if isinstance(exc, _NotAllowed):
+    if isinstance(exc, NotAllowed):
         allowed = ", ".join(exc.allowed)
         response = _error(
             MethodNotAllowed(f"{request.method} is not allowed here (allowed: {allowed})")
