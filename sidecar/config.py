@@ -89,6 +89,12 @@ class ListenConfig(_Model):
         return value
 
 
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port``) as host and port; the validators have checked it."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 class MetricsConfig(_Model):
     address: str = "127.0.0.1:9464"
 
@@ -103,8 +109,8 @@ class MetricsConfig(_Model):
     def host_port(self) -> tuple[str, int] | None:
         if not self.address:
             return None
-        host, _, port = self.address.rpartition(":")
-        return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - an explicit ":port" means all
+        host, port = split_address(self.address)
+        return host or "0.0.0.0", port  # noqa: S104 - an explicit ":port" means all
 
 
 class LogConfig(_Model):
@@ -243,8 +249,7 @@ class FacadeConfig(_Model):
 
     @property
     def host_port(self) -> tuple[str, int]:
-        host, _, port = self.address.rpartition(":")
-        return host.strip("[]"), int(port)
+        return split_address(self.address)
 
     @model_validator(mode="after")
     def _safe(self) -> FacadeConfig:
