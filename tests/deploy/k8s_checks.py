@@ -15,15 +15,11 @@ from typing import Any
 
 import yaml
 
-from tests.deploy.tooling import ROOT, run_tool
+from tests.deploy.tooling import GID, METRICS_PORT, ROOT, SOCKET, SOCKET_DIR, UID, run_tool
 
 Obj = dict[str, Any]
 
-SOCKET_DIR = "/var/run/secret-sidecar"
-SOCKET = f"{SOCKET_DIR}/sidecar.sock"
 CONFIG_DIR = "/etc/secret-sidecar"
-UID = GID = 10001
-METRICS_PORT = 9464
 KUBERNETES_VERSIONS = ("1.28.0", "1.31.0")
 YAMLLINT_CONFIG = ROOT / ".yamllint.yaml"
 

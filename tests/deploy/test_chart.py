@@ -20,7 +20,7 @@ from sidecar.backends import load_kind
 from sidecar.config import parse_config
 from tests.deploy import k8s_checks as k8s
 from tests.deploy.k8s_checks import Obj
-from tests.deploy.tooling import ROOT, tool
+from tests.deploy.tooling import GID, METRICS_PORT, ROOT, SOCKET, SOCKET_DIR, UID, tool
 
 CHART = ROOT / "helm" / "secret-sidecar"
 VALUES = ROOT / "tests" / "deploy" / "values"
@@ -245,9 +245,7 @@ def test_daemonset_shares_a_host_directory(rendered: dict[str, Rendered]) -> Non
             continue
         spec = rendered[name].pod()
         shared = k8s.assert_socket_shared(spec, "secret-sidecar", None, "hostPath")
-        assert shared["hostPath"]["path"] == values.get("socket", {}).get(
-            "hostPath", k8s.SOCKET_DIR
-        )
+        assert shared["hostPath"]["path"] == values.get("socket", {}).get("hostPath", SOCKET_DIR)
         prepare = values.get("socket", {}).get("prepareHostPath", True)
         assert bool(spec.get("initContainers")) is prepare
 
@@ -257,14 +255,12 @@ def test_socket_directory_is_handed_over_with_two_capabilities(
 ) -> None:
     """The init container chowns the kubelet-made directory; root only with CHOWN, FOWNER."""
     init = k8s.container(rendered["daemonset-defaults"].pod(), "socket-dir")
-    assert init["command"][-1] == (
-        f"chown {k8s.UID}:{k8s.GID} {k8s.SOCKET_DIR} && chmod 0750 {k8s.SOCKET_DIR}"
-    )
+    assert init["command"][-1] == (f"chown {UID}:{GID} {SOCKET_DIR} && chmod 0750 {SOCKET_DIR}")
     context = init["securityContext"]
     assert context["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN", "FOWNER"]}
     assert context["allowPrivilegeEscalation"] is False
     assert context["readOnlyRootFilesystem"] is True
-    assert k8s.mount_at(init, k8s.SOCKET_DIR)["name"] == "socket"
+    assert k8s.mount_at(init, SOCKET_DIR)["name"] == "socket"
 
 
 def test_rollout_replaces_one_node_at_a_time_without_surge(
@@ -374,7 +370,7 @@ def test_service_monitor_scrapes_the_metrics_service(rendered: dict[str, Rendere
     pod_labels = each.get("DaemonSet")["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= pod_labels.items()
     assert service["spec"]["ports"] == [
-        {"name": "metrics", "port": k8s.METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"}
+        {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"}
     ]
     assert (
         monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
@@ -390,7 +386,7 @@ def test_notes_tell_a_gateway_how_to_mount_the_socket(rendered: dict[str, Render
     notes = rendered["daemonset-defaults"].files["secret-sidecar/templates/NOTES.txt"]
     assert "readOnly: true" in notes
     assert "supplementalGroups: [10001]" in notes
-    assert k8s.SOCKET in notes
+    assert SOCKET in notes
     sidecar_notes = rendered["sidecar-mode"].files["secret-sidecar/templates/NOTES.txt"]
     assert "deploy/kong-chart-values.yaml" in sidecar_notes
 

@@ -26,14 +26,12 @@ import yaml
 
 from sidecar.config import load_config
 from sidecar.reference import is_reference, parse
-from tests.deploy.tooling import ROOT, run_tool, tool
+from tests.deploy.tooling import ROOT, SOCKET, SOCKET_DIR, run_tool, tool
 
 DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
 KONG_YML = DEPLOY / "compose" / "kong.yml"
 SIDECAR_YAML = DEPLOY / "compose" / "sidecar.yaml"
-SOCKET_DIR = "/var/run/secret-sidecar"
-SOCKET = f"{SOCKET_DIR}/sidecar.sock"
 CLI = Path(sys.executable).with_name("secret-sidecar")
 # The adapter's schema (issue 12), read from deploy/kong/ when it is there.
 ADAPTER_SCHEMA = DEPLOY / "kong" / "kong" / "vaults" / "sidecar" / "schema.lua"

@@ -19,12 +19,10 @@ from functools import cache
 import yaml
 
 from sidecar.config import parse_config
-from tests.deploy.tooling import ROOT, run_tool
+from tests.deploy.tooling import ROOT, SOCKET, SOCKET_DIR, run_tool
 
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
-SOCKET_DIR = "/var/run/secret-sidecar"
-SOCKET = f"{SOCKET_DIR}/sidecar.sock"
 CONFIG = "/etc/secret-sidecar/config.yaml"
 VENV = "/opt/secret-sidecar"
 

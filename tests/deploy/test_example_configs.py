@@ -32,10 +32,9 @@ from tests.backends.aws_peer import aws_client, isolate_environment, moto_server
 from tests.backends.gcp_server import FakeSecretManager
 from tests.backends.vault_server import FakeVault
 from tests.canary import CANARY_VALUE, credential, value
+from tests.deploy.tooling import ROOT, SOCKET
 
-ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "deploy" / "config"
-SOCKET = "/var/run/secret-sidecar/sidecar.sock"
 BACKENDS = ("env", "aws", "hcv", "gcp")
 # Variables a peer's environment sets; none may leak in from the machine running tests.
 FOREIGN = ("AWS_", "KONG_VAULT_", "VAULT_", "GOOGLE_", "GCP_", "CLOUDSDK_", "SECRET_MANAGER_")

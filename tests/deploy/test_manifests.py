@@ -16,7 +16,7 @@ import pytest
 from sidecar.config import parse_config
 from tests.deploy import k8s_checks as k8s
 from tests.deploy.k8s_checks import Obj
-from tests.deploy.tooling import ROOT, tool
+from tests.deploy.tooling import ROOT, SOCKET_DIR, tool
 
 MANIFESTS = ROOT / "deploy" / "kubernetes"
 FILES = sorted(MANIFESTS.glob("*.yaml"))
@@ -103,11 +103,11 @@ def test_gateway_on_node_mounts_the_sidecars_host_directory() -> None:
     """The gateway reads the directory the DaemonSet writes, read-only, in group 10001."""
     sidecar = k8s.pod_spec(k8s.find(objects_of("daemonset.yaml"), "DaemonSet"))
     written = k8s.volume(
-        sidecar, k8s.mount_at(k8s.container(sidecar, "secret-sidecar"), k8s.SOCKET_DIR)["name"]
+        sidecar, k8s.mount_at(k8s.container(sidecar, "secret-sidecar"), SOCKET_DIR)["name"]
     )
     gateway = k8s.pod_spec(k8s.find(objects_of("gateway-on-node.yaml"), "Deployment"))
     k8s.assert_mounts_resolve(gateway)
-    mount = k8s.mount_at(k8s.container(gateway, "proxy"), k8s.SOCKET_DIR)
+    mount = k8s.mount_at(k8s.container(gateway, "proxy"), SOCKET_DIR)
     assert mount["readOnly"] is True
     assert k8s.volume(gateway, mount["name"])["hostPath"]["path"] == written["hostPath"]["path"]
     k8s.assert_gateway_can_connect(gateway, "proxy")

@@ -18,6 +18,12 @@ from tests.integration.harness import require_program
 ROOT = Path(__file__).resolve().parents[2]
 TOOLS = ROOT / ".tools" / "bin"
 
+# What every deployment artefact agrees on (image, chart, manifests, compose, examples).
+SOCKET_DIR = "/var/run/secret-sidecar"
+SOCKET = f"{SOCKET_DIR}/sidecar.sock"
+UID = GID = 10001
+METRICS_PORT = 9464
+
 
 # The tool venv's programs: a copy on PATH is not the pinned one, and the ``python`` on
 # PATH lacks the Helm SDK.
