@@ -1,10 +1,10 @@
 """Start -> ready -> reload -> drain -> stop, in one place.
 
-Resources start in order and close in reverse: socket, API, metrics listener,
-Vault-KV facade, backends, prefetch/readiness. SIGTERM/SIGINT turn readiness off, stop
-accepting, let in-flight requests finish within ``drain_timeout``, close backends and
-remove the socket; a second one removes the socket and exits at once (exit code 1).
-SIGHUP re-reads the configuration; an invalid one is logged and the old kept. A
+Resources start in order and close in reverse: socket (bound), metrics listener,
+Vault-KV facade, API (accepting), backends, prefetch/readiness. SIGTERM/SIGINT turn
+readiness off, stop accepting, let in-flight requests finish within ``drain_timeout``,
+close backends and remove the socket; a second one removes the socket and exits at
+once (exit code 1). SIGHUP re-reads the configuration; an invalid one is logged and the old kept. A
 reload swaps vaults, cache limits, refresh, ACL, watch, metrics and facade settings;
 vaults that changed are retired (their entries dropped) and closed once their loads in
 flight have ended. Only the listen socket's settings wait for a restart.
@@ -326,10 +326,12 @@ async def serve(
     api = web.ServerRunner(build_server(daemon.state), shutdown_timeout=1.0)
     try:
         await api.setup()
-        site = GuardedSite(api, sock, listen)
-        await site.start()
+        # Every listener is up before the socket accepts: once /healthz answers, the
+        # metrics port and the facade do too (and a port taken stops the start first).
         await daemon.start_metrics()
         await daemon.facade.start(config.facade)
+        site = GuardedSite(api, sock, listen)
+        await site.start()
         if handle_signals:
             loop.add_signal_handler(signal.SIGTERM, on_stop)
             loop.add_signal_handler(signal.SIGINT, on_stop)
