@@ -39,6 +39,7 @@ from sidecar.errors import (
     StartupError,
 )
 from sidecar.facade_tokens import TokenTable
+from sidecar.http_message import JSONMessage
 from sidecar.logging import get_logger
 from sidecar.resolver import Answer
 from sidecar.schedule import NEVER
@@ -250,7 +251,7 @@ def _version(facade: Facade, request: web.BaseRequest) -> int | None:
 
 async def _read_secret(
     facade: Facade, request: web.BaseRequest, segments: list[str]
-) -> web.Response:
+) -> JSONMessage:
     peer = _peer(facade, request)  # before anything about the path is said
     ref = _reference(segments, _version(facade, request))
     answer = await read(facade.state, peer, ref, trace=request)
@@ -302,7 +303,7 @@ def _data(value: str) -> dict[str, Any]:
     return {"value": value}
 
 
-async def _login(state: State, request: web.BaseRequest, login: KubernetesLogin) -> web.Response:
+async def _login(state: State, request: web.BaseRequest, login: KubernetesLogin) -> JSONMessage:
     body = await json_body(state, request, '{"jwt": ..., "role": ...}')
     if not isinstance(body, dict):
         raise InvalidRequest('body must be {"jwt": "<token>", "role": "<role>"}')
@@ -324,15 +325,15 @@ async def _login(state: State, request: web.BaseRequest, login: KubernetesLogin)
                   "auth": auth})  # fmt: skip
 
 
-def _json(document: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(document), status=status, content_type="application/json")
+def _json(document: Any, status: int = 200) -> JSONMessage:
+    return JSONMessage(orjson.dumps(document), status)
 
 
 # Our codes as Vault's statuses; 404 and 403 carry no detail, as Vault's do.
 _NOT_FOUND = frozenset({"not_found", "unknown_vault"})
 
 
-def _error(exc: Exception) -> web.Response:
+def _error(exc: Exception) -> JSONMessage:
     if isinstance(exc, _NotFound):
         return _json({"errors": []}, 404)
     if isinstance(exc, NotAllowed):

@@ -32,6 +32,7 @@ from sidecar.errors import (
     TooManyRequests,
     UnknownRoute,
 )
+from sidecar.http_message import JSONMessage
 from sidecar.logging import get_logger
 from sidecar.metrics import CONTENT_TYPE, Metrics
 from sidecar.reference import parse
@@ -51,7 +52,6 @@ CLIENT_GONE = 499  # the status logged when the client closed before its answer 
 PROXY_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP")
 
 Handler = Callable[["State", web.BaseRequest], Awaitable[web.StreamResponse]]
-JSON = "application/json"
 # A single read's vault and outcome, for its request log line.
 OUTCOME = web.RequestKey("outcome", tuple[str | None, str | None])
 # A request whose line aiohttp's parser could not turn into a URL (see request_factory).
@@ -87,18 +87,18 @@ def _peer(request: web.BaseRequest) -> Peer:
     return peer_of(request.transport)
 
 
-def _error(exc: SidecarError) -> web.Response:
+def _error(exc: SidecarError) -> JSONMessage:
     return _json(exc.to_json(), exc.status)
 
 
-def _json(document: Any, status: int = 200) -> web.Response:
+def _json(document: Any, status: int = 200) -> JSONMessage:
     """orjson: the answers are the hot path, and it is several times the stdlib's speed
     (the stdlib takes what orjson refuses, such as integers past 64 bits)."""
     try:
         body = orjson.dumps(document)
     except orjson.JSONEncodeError:
         body = json.dumps(document).encode()
-    return web.Response(body=body, status=status, content_type=JSON)
+    return JSONMessage(body, status)
 
 
 async def _guard(state: State, request: web.BaseRequest) -> web.StreamResponse:
@@ -177,7 +177,7 @@ async def admitted(state: State, request: web.BaseRequest, handler: Handler) -> 
             state.idle.set()
 
 
-def _error_response(request: web.BaseRequest, exc: Exception) -> web.Response:
+def _error_response(request: web.BaseRequest, exc: Exception) -> JSONMessage:
     """Our errors with their code; aiohttp's routing errors in our shape; anything else a
     bare 500, so no exception text (which could quote a value) reaches a caller."""
     if isinstance(exc, SidecarError):
@@ -193,10 +193,10 @@ def _error_response(request: web.BaseRequest, exc: Exception) -> web.Response:
         return response
     if isinstance(exc, web.HTTPException):
         body = {"error": {"code": "invalid_request", "message": exc.reason}}
-        return web.json_response(body, status=exc.status)
+        return _json(body, status=exc.status)
     log.error("request.failed", error_type=type(exc).__name__)
     body = {"error": {"code": "internal_error", "message": "internal error"}}
-    return web.json_response(body, status=500)
+    return _json(body, status=500)
 
 
 def _authorized(state: State, peer: Peer, ref: str) -> Target:
@@ -288,7 +288,7 @@ def _single_ref(request: web.BaseRequest) -> str:
     return refs[0]
 
 
-async def get_secret(state: State, request: web.BaseRequest) -> web.Response:
+async def get_secret(state: State, request: web.BaseRequest) -> web.StreamResponse:
     answer = await read(state, _peer(request), _single_ref(request), trace=request)
     return _json(answer.to_json())
 
@@ -309,7 +309,7 @@ async def json_body(state: State, request: web.BaseRequest, shape: str) -> Any:
         raise ConnectionResetError("the client closed the connection mid-body") from exc
 
 
-async def batch(state: State, request: web.BaseRequest) -> web.Response:
+async def batch(state: State, request: web.BaseRequest) -> web.StreamResponse:
     body = await json_body(state, request, '{"refs": [...]}')
     refs = body.get("refs") if isinstance(body, dict) else None
     if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
@@ -339,17 +339,17 @@ async def batch(state: State, request: web.BaseRequest) -> web.Response:
     return _json({"results": results})
 
 
-async def refresh(state: State, request: web.BaseRequest) -> web.Response:
+async def refresh(state: State, request: web.BaseRequest) -> web.StreamResponse:
     peer = _peer(request)
     refs = request.query.getall("ref", [])
     if not refs:
         state.access.check_admin(peer, "refreshing every entry")
-        return web.json_response({"refreshed": await state.resolver.refresh_all()})
+        return _json({"refreshed": await state.resolver.refresh_all()})
     results = []
     for ref in refs:
         answer = await read(state, peer, ref, force=True)
         results.append({k: v for k, v in answer.to_json().items() if k != "value"})
-    return web.json_response({"refreshed": results})
+    return _json({"refreshed": results})
 
 
 async def watch(state: State, request: web.BaseRequest) -> web.StreamResponse:
@@ -426,30 +426,30 @@ def _event_json(ref: str, target: Target, event: Event, include_values: bool) ->
     return body
 
 
-async def healthz(state: State, request: web.BaseRequest) -> web.Response:
-    return web.json_response({"status": "ok"})
+async def healthz(state: State, request: web.BaseRequest) -> web.StreamResponse:
+    return _json({"status": "ok"})
 
 
-async def readyz(state: State, request: web.BaseRequest) -> web.Response:
+async def readyz(state: State, request: web.BaseRequest) -> web.StreamResponse:
     """What is missing names secret ids: only admin peers see it (the rest: ready or not)."""
     if state.ready:
-        return web.json_response({"ready": True})
+        return _json({"ready": True})
     body: dict[str, Any] = {"ready": False}
     if state.access.is_admin(_peer(request)):
         body["missing"] = state.not_ready
-    return web.json_response(body, status=503)
+    return _json(body, status=503)
 
 
-async def status(state: State, request: web.BaseRequest) -> web.Response:
+async def status(state: State, request: web.BaseRequest) -> web.StreamResponse:
     """Per-vault state and last errors name secret ids: admin peers only, others get ready."""
     if not state.access.is_admin(_peer(request)):
-        return web.json_response({"ready": state.ready})
+        return _json({"ready": state.ready})
     body = {
         "ready": state.ready,
         "requests_in_flight": state.in_flight,
         "watchers": len(state.events),
     }
-    return web.json_response(body | state.resolver.status())
+    return _json(body | state.resolver.status())
 
 
 ROUTES: dict[str, dict[str, Handler]] = {

@@ -252,3 +252,48 @@ async def test_backend_unavailable_and_timeout_codes(make_daemon: MakeDaemon) ->
         assert "did not answer within 0.5 s" in body["error"]["message"]
     finally:
         silent.close()
+
+
+async def _exchange(daemon: Daemon, raw: bytes) -> bytes:
+    """Write raw request bytes, read until the daemon closes the connection."""
+    reader, writer = await asyncio.open_unix_connection(str(daemon.socket))
+    writer.write(raw)
+    await writer.drain()
+    try:
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
+async def test_answers_are_framed_for_keep_alive_pipelining_head_and_close(daemon: Daemon) -> None:
+    """Answers are written as whole messages (sidecar/http_message.py), so the framing is
+    ours to get right: pipelined requests are answered in order on one connection, each
+    with Date and an exact Content-Length; HEAD gets the headers and no body; a request
+    asking ``Connection: close`` gets that header and the connection closes after it."""
+    get = "GET /v1/secrets?ref={ref} HTTP/1.1\r\nHost: x\r\n{extra}\r\n"
+    raw = "".join([
+        get.format(ref="%7Bvault%3A%2F%2Fenv%2Fdb-password%7D", extra=""),
+        "HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+        get.format(ref="%7Bvault%3A%2F%2Fenv%2Fmissing%7D", extra=""),
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    ]).encode()  # fmt: skip
+    data = await _exchange(daemon, raw)
+    answers = []
+    while data:
+        head, _, data = data.partition(b"\r\n\r\n")
+        status, *lines = head.decode().split("\r\n")
+        headers = {k.lower(): v for k, _, v in (line.partition(": ") for line in lines)}
+        length = 0 if len(answers) == 1 else int(headers["content-length"])  # 1: HEAD
+        body, data = data[:length], data[length:]
+        answers.append((status, headers, body))
+    assert [a[0] for a in answers] == [
+        "HTTP/1.1 200 OK", "HTTP/1.1 405 Method Not Allowed",
+        "HTTP/1.1 404 Not Found", "HTTP/1.1 200 OK",
+    ]  # fmt: skip
+    assert json.loads(answers[0][2])["value"] == SECRETS["DB_PASSWORD"]
+    assert int(answers[1][1]["content-length"]) > 0  # as GET would have, without the body
+    assert json.loads(answers[2][2])["error"]["code"] == "not_found"
+    assert json.loads(answers[3][2]) == {"status": "ok"}
+    assert all("date" in h and h["content-type"] == "application/json" for _, h, _ in answers)
+    assert "connection" not in answers[0][1]
+    assert answers[3][1]["connection"] == "close"
