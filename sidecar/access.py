@@ -20,7 +20,6 @@ import functools
 import socket
 import struct
 import sys
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -87,21 +86,15 @@ class Peer:
 
 UNKNOWN = Peer(None, None, None)
 
-# One entry per open connection: credentials are the peer's as of connect(), so they
-# are read once, not per request (uvloop builds a socket object per getsockopt call).
-_peers: weakref.WeakKeyDictionary[Any, Peer] = weakref.WeakKeyDictionary()
-
 
 def peer_of(transport: Any) -> Peer:
-    """The peer of a connection (an asyncio or uvloop transport), read at its first request."""
+    """The peer at the other end of a connection (an asyncio or uvloop transport).
+
+    Credentials are the peer's as of connect(); the socket API reads them once per
+    connection (``GuardedConnection.peer``): uvloop builds a socket object per call."""
     if transport is None:
         return UNKNOWN
-    with contextlib.suppress(KeyError):
-        return _peers[transport]
-    peer = Peer.of(transport.get_extra_info("socket"))
-    with contextlib.suppress(TypeError):  # a transport that takes no weak reference
-        _peers[transport] = peer
-    return peer
+    return Peer.of(transport.get_extra_info("socket"))
 
 
 @functools.cache

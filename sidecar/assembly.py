@@ -41,7 +41,7 @@ def build_resolver(
         clock=clock,
         schedule=schedule or schedule_of(config),
         jitter=jitter,
-        observe=lambda result: metrics.count_lookup(result.value),
+        observe=metrics.count_lookup,
         on_change=on_change or (lambda key, change, entry: None),
     )
     vaults = VaultRegistry(config.vaults, environ=environ, limits=config.limits)

@@ -42,7 +42,7 @@ BACKOFF_BASE = 1.0  # seconds before the first retry of a failed entry (before j
 EARLY_RETRY = 1.0
 
 
-class LookupResult(enum.Enum):
+class LookupResult(enum.StrEnum):  # a str: counted by metrics without a lookup
     HIT = "hit"
     MISS = "miss"
     STALE = "stale"
@@ -228,12 +228,13 @@ class Cache:
         if entry is None:
             return None
         now = self.clock()
-        if not entry.is_fresh(now):
+        fetched = entry.fetched
+        if fetched is None or now >= entry.expires_at:  # Entry.is_fresh, inlined: hot path
             return None
         entry.last_used = now
         self._entries.move_to_end(key)
         self.observe(LookupResult.HIT)
-        return self._lookup(entry, LookupResult.HIT, now)
+        return Lookup(fetched, LookupResult.HIT, now - entry.fetched_at, entry.expires_at - now)
 
     def _may_retry_early(self, key: SecretKey, entry: Entry, now: float) -> bool:
         """A transient failure with nothing to serve: one reader a second may ask again

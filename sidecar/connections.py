@@ -18,6 +18,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
+from sidecar.access import Peer, peer_of
 from sidecar.config import ListenConfig
 from sidecar.logging import get_logger
 
@@ -53,6 +54,14 @@ class GuardedConnection(RequestHandler):
         self._header_timeout = header_timeout
         self._header_timer: asyncio.TimerHandle | None = None
         self._counted = False
+        self._peer: Peer | None = None
+
+    @property
+    def peer(self) -> Peer:
+        """Who is connected, read at the first request and kept for the connection."""
+        if self._peer is None:
+            self._peer = peer_of(self.transport)
+        return self._peer
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)

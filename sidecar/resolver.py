@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
+import orjson
+
 from sidecar.backend_calls import BackendCalls, decoded
 from sidecar.backends import BatchBackend, Fetched, VaultSettings
-from sidecar.cache import Cache, Lookup, Policy, SecretKey
+from sidecar.cache import Cache, Lookup, LookupResult, Policy, SecretKey
 from sidecar.config import CacheConfig
 from sidecar.errors import (
     BackendFailure,
@@ -63,12 +65,49 @@ def extract_key(value: str, key: str) -> str:
     return found
 
 
+# What ``Answer.encode`` writes after the memoized fields, per kind of lookup.
+_STATE = {
+    LookupResult.HIT: b'"cached":true,"stale":false,"age_seconds":',
+    LookupResult.STALE: b'"cached":true,"stale":true,"age_seconds":',
+    LookupResult.MISS: b'"cached":false,"stale":false,"age_seconds":',
+}
+MAX_ENCODED = 16  # reference texts memoized per value (more: encoded per read)
+
+
+def encode_json(document: Any) -> bytes:
+    """orjson, several times the stdlib's speed; the stdlib for what orjson refuses
+    (integers past 64 bits, lone surrogates a percent-decoded query can carry)."""
+    try:
+        return orjson.dumps(document)
+    except orjson.JSONEncodeError:
+        return json.dumps(document).encode()
+
+
 @dataclass(slots=True)  # not frozen: one is made per read, and frozen init costs 3x
 class Answer:
     ref: str
     value: str = field(repr=False)
     version: str | None
     lookup: Lookup
+
+    def encode(self) -> bytes:
+        """``to_json`` as bytes, built for the hot path: ref, value and version are encoded
+        once per stored value and reference text; only the state and times per read."""
+        lookup = self.lookup
+        memo = lookup.fetched.answers
+        fixed = memo.get(self.ref)
+        if fixed is None:
+            document = {"ref": self.ref, "value": self.value, "version": self.version}
+            fixed = encode_json(document)[:-1] + b","
+            if len(memo) < MAX_ENCODED:
+                memo[self.ref] = fixed
+        state = _STATE.get(lookup.result)
+        if state is None:  # not a state an answer is made in; the general path says it
+            return encode_json(self.to_json())
+        expires = lookup.expires_in
+        until = b"null" if expires == NEVER else repr(round(expires, 3)).encode()
+        age = repr(round(lookup.age, 3)).encode()
+        return b'%s%s%s,"expires_in_seconds":%s}' % (fixed, state, age, until)
 
     def to_json(self) -> dict[str, Any]:
         return {

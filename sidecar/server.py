@@ -14,7 +14,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 import yarl
 from aiohttp import HttpVersion11, web
 
@@ -22,6 +21,7 @@ from sidecar.access import AccessPolicy, Peer, peer_of
 from sidecar.audit import AuditTrail
 from sidecar.cache import Change, SecretKey
 from sidecar.config import WatchConfig
+from sidecar.connections import GuardedConnection
 from sidecar.errors import (
     InvalidReference,
     InvalidRequest,
@@ -36,7 +36,14 @@ from sidecar.http_message import JSONMessage
 from sidecar.logging import get_logger
 from sidecar.metrics import CONTENT_TYPE, Metrics
 from sidecar.reference import parse
-from sidecar.resolver import CONTROL_CHARACTERS, Answer, Resolver, Target, extract_key
+from sidecar.resolver import (
+    CONTROL_CHARACTERS,
+    Answer,
+    Resolver,
+    Target,
+    encode_json,
+    extract_key,
+)
 from sidecar.watch import END, Event, EventBus
 
 log = get_logger("sidecar.server")
@@ -54,8 +61,8 @@ PROXY_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP")
 Handler = Callable[["State", web.BaseRequest], Awaitable[web.StreamResponse]]
 # A single read's vault and outcome, for its request log line.
 OUTCOME = web.RequestKey("outcome", tuple[str | None, str | None])
-# A request whose line aiohttp's parser could not turn into a URL (see request_factory).
-UNPARSED = web.RequestKey("unparsed", bool)
+# The URL of a request whose line aiohttp's parser could not turn into one (see
+# request_factory): ``_guard`` refuses it by identity.
 _NO_URL = yarl.URL("/")
 
 
@@ -84,6 +91,9 @@ class State:
 
 
 def _peer(request: web.BaseRequest) -> Peer:
+    protocol = request.protocol
+    if isinstance(protocol, GuardedConnection):  # every socket API connection
+        return protocol.peer
     return peer_of(request.transport)
 
 
@@ -92,13 +102,7 @@ def _error(exc: SidecarError) -> JSONMessage:
 
 
 def _json(document: Any, status: int = 200) -> JSONMessage:
-    """orjson: the answers are the hot path, and it is several times the stdlib's speed
-    (the stdlib takes what orjson refuses, such as integers past 64 bits)."""
-    try:
-        body = orjson.dumps(document)
-    except orjson.JSONEncodeError:
-        body = json.dumps(document).encode()
-    return JSONMessage(body, status)
+    return JSONMessage(encode_json(document), status)
 
 
 async def _guard(state: State, request: web.BaseRequest) -> web.StreamResponse:
@@ -112,7 +116,7 @@ async def _guard(state: State, request: web.BaseRequest) -> web.StreamResponse:
     endpoint = request.path if methods is not None else "unmatched"
     try:
         try:
-            if request.get(UNPARSED):
+            if request.rel_url is _NO_URL:  # see request_factory
                 raise InvalidRequest("malformed HTTP request (request target is not a URL)")
             if methods is None:
                 raise UnknownRoute("no such endpoint; see /v1/secrets, /v1/status, /healthz")
@@ -222,21 +226,18 @@ def _read_now(
     state: State, peer: Peer, ref: str, trace: web.BaseRequest | None = None
 ) -> Answer | None:
     """A read served from a fresh cached value without awaiting anything, or None when it
-    needs a load (``_read`` then does the rest). Most reads end here."""
-    audited, outcome, vault = True, "hit", None
-    shown = ref.partition("?")[0][:MAX_REFERENCE]
+    needs a load (``read`` then does the rest). Most reads end here."""
+    vault = None
     try:
         target = _authorized(state, peer, ref)
-        vault, shown = target.vault.prefix, ref
+        vault = target.vault.prefix
         answer = state.resolver.cached(ref, target)
-        audited = answer is not None
-        return answer
     except SidecarError as exc:
-        outcome = exc.code
+        _audit(state, peer, ref, vault, exc.code, trace=trace)
         raise
-    finally:
-        if audited:
-            _audit(state, peer, shown, vault, outcome, trace=trace)
+    if answer is not None:
+        _audit(state, peer, ref, vault, "hit", trace=trace)
+    return answer
 
 
 async def read(
@@ -244,40 +245,39 @@ async def read(
 ) -> Answer:
     """Resolve one reference for one peer: access, cache, audit.
 
-    The audit trail names who asked for what and how it went, never the value. The
-    query is shown only once bound: until then it may hold anything the caller sent.
+    The audit trail names who asked for what and how it went, never the value.
     ``trace`` (a single read's request) gets the vault and outcome for its log line.
     """
     if not force:
         answer = _read_now(state, peer, ref, trace)
         if answer is not None:
             return answer
-    outcome, vault = "ok", None
-    shown = ref.partition("?")[0][:MAX_REFERENCE]
+    vault = None
     try:
         target = _authorized(state, peer, ref)
-        vault, shown = target.vault.prefix, ref
+        vault = target.vault.prefix
         answer = await state.resolver.resolve_target(ref, target, force=force)
-        outcome = answer.lookup.result.value
-        return answer
     except SidecarError as exc:
-        outcome = exc.code
+        _audit(state, peer, ref, vault, exc.code, trace=trace)
         raise
-    finally:
-        _audit(state, peer, shown, vault, outcome, trace=trace)
+    _audit(state, peer, ref, vault, answer.lookup.result.value, trace=trace)
+    return answer
 
 
 def _audit(
     state: State,
     peer: Peer,
-    shown: str,
+    ref: str,
     vault: str | None,
     outcome: str,
     *,
     trace: web.BaseRequest | None,
 ) -> None:
+    """``vault`` is None until the reference is bound: until then its query may hold
+    anything the caller sent, so the trail shows the reference without it."""
     if trace is not None:
         trace[OUTCOME] = (vault, outcome)
+    shown = ref if vault is not None else ref.partition("?")[0][:MAX_REFERENCE]
     state.audit.record(peer, shown, vault, outcome)
 
 
@@ -290,7 +290,7 @@ def _single_ref(request: web.BaseRequest) -> str:
 
 async def get_secret(state: State, request: web.BaseRequest) -> web.StreamResponse:
     answer = await read(state, _peer(request), _single_ref(request), trace=request)
-    return _json(answer.to_json())
+    return JSONMessage(answer.encode())
 
 
 async def json_body(state: State, request: web.BaseRequest, shape: str) -> Any:
@@ -318,25 +318,25 @@ async def batch(state: State, request: web.BaseRequest) -> web.StreamResponse:
         raise InvalidRequest(f"at most {MAX_BATCH} references per batch, got {len(refs)}")
     peer = _peer(request)
 
-    async def one(ref: str) -> dict[str, Any]:
+    async def one(ref: str) -> bytes:
         try:
-            return (await read(state, peer, ref)).to_json()
+            return (await read(state, peer, ref)).encode()
         except SidecarError as exc:
-            return {"ref": ref, **exc.to_json()}
+            return encode_json({"ref": ref, **exc.to_json()})
 
     # Cached answers first, at once; only what needs a load waits (concurrently).
-    results: list[dict[str, Any] | None] = []
+    results: list[bytes | None] = []
     for ref in refs:
         try:
             answer = _read_now(state, peer, ref)
-            results.append(None if answer is None else answer.to_json())
+            results.append(None if answer is None else answer.encode())
         except SidecarError as exc:
-            results.append({"ref": ref, **exc.to_json()})
+            results.append(encode_json({"ref": ref, **exc.to_json()}))
     waiting = [i for i, result in enumerate(results) if result is None]
     loaded = await asyncio.gather(*(one(refs[i]) for i in waiting))
     for i, result in zip(waiting, loaded, strict=True):
         results[i] = result
-    return _json({"results": results})
+    return JSONMessage(b'{"results":[' + b",".join(filter(None, results)) + b"]}")
 
 
 async def refresh(state: State, request: web.BaseRequest) -> web.StreamResponse:
@@ -479,13 +479,10 @@ def request_factory(
     (``CONNECT`` with an empty target): ``BaseRequest`` would raise in the connection's
     task, which dies without an answer. Such a request gets our 400 and the connection
     closes, like any malformed one."""
-    unparsed = message.url is None
-    if unparsed:
+    if message.url is None:
         message = message._replace(path="/", url=_NO_URL, version=HttpVersion11, should_close=True)
-    request = web.BaseRequest(message, payload, protocol, writer, task, asyncio.get_running_loop())
-    if unparsed:
-        request[UNPARSED] = True
-    return request
+    # the loop aiohttp's own factory passes (get_running_loop is a getpid() per request)
+    return web.BaseRequest(message, payload, protocol, writer, task, protocol._loop)
 
 
 def build_metrics_app(metrics: Metrics, before_scrape: Callable[[], None]) -> web.Application:

@@ -86,6 +86,9 @@ class Fetched:
     version: str | None = None
     # JSON keys already read out of ``value`` (the resolver's memo: one parse per value)
     keys: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+    # reference text -> the answer's encoded fields that do not change while this value
+    # is served (``Answer.encode``: one encoding per value and reference, not per read)
+    answers: dict[str, bytes] = field(default_factory=dict, repr=False, compare=False)
 
 
 @runtime_checkable

@@ -278,7 +278,7 @@ async def test_answers_are_framed_for_keep_alive_pipelining_head_and_close(daemo
         "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     ]).encode()  # fmt: skip
     data = await _exchange(daemon, raw)
-    answers = []
+    answers: list[tuple[str, dict[str, str], bytes]] = []
     while data:
         head, _, data = data.partition(b"\r\n\r\n")
         status, *lines = head.decode().split("\r\n")

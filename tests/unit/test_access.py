@@ -24,10 +24,12 @@ from typing import Any
 import aiohttp
 import pytest
 import structlog
+from aiohttp import web
 
 from sidecar import access, cli
 from sidecar.access import UNKNOWN, AccessPolicy, Peer, peer_of, reader_for
-from sidecar.config import ClientRule, parse_config
+from sidecar.config import ClientRule, ListenConfig, parse_config
+from sidecar.connections import GuardedConnection, connection_factory
 from sidecar.errors import ConfigError
 from sidecar.lifecycle import serve
 from sidecar.metrics import Metrics
@@ -179,21 +181,25 @@ def test_linux_reads_so_peercred_and_groups() -> None:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the real SO_PEERCRED")
 async def test_peer_is_read_once_per_connection(tmp_path: Path) -> None:
-    """Credentials are fixed at connect(): every request of a connection shares one
-    read; another connection gets its own."""
-    seen: asyncio.Queue[tuple[Peer, Peer]] = asyncio.Queue()
+    """Credentials are fixed at connect(): every request of a socket API connection
+    shares one read; another connection gets its own."""
+    seen: list[Peer] = []
 
-    async def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        seen.put_nowait((peer_of(writer.transport), peer_of(writer.transport)))
-        writer.close()
+    async def handle(request: web.BaseRequest) -> web.Response:
+        assert isinstance(request.protocol, GuardedConnection)
+        seen.append(request.protocol.peer)
+        return web.Response(text="ok")
 
-    server = await asyncio.start_unix_server(accepted, str(tmp_path / "p.sock"))
+    factory = connection_factory(web.Server(handle), ListenConfig())
+    path = str(tmp_path / "p.sock")
+    server = await asyncio.get_running_loop().create_unix_server(factory, path)
     async with server:
-        for _ in range(2):
-            _, writer = await asyncio.open_unix_connection(str(tmp_path / "p.sock"))
-            writer.close()
-            await writer.wait_closed()
-        (first, again), (second, _) = [await asyncio.wait_for(seen.get(), 10) for _ in range(2)]
+        for requests in (2, 1):  # two requests on one connection, then another connection
+            async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path)) as session:
+                for _ in range(requests):
+                    async with session.get("http://sidecar/") as response:
+                        assert response.status == 200
+    first, again, second = seen
     assert first is again
     assert first == second
     assert first is not second

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 from datetime import UTC, datetime
 
 import pytest
@@ -10,7 +11,10 @@ import pytest
 from sidecar.config import VaultEntity, parse_config
 from sidecar.errors import InvalidReference, SecretNotFound, UnknownVault
 from sidecar.metrics import Metrics
-from sidecar.resolver import extract_key
+from sidecar.backends import Fetched
+from sidecar.cache import Lookup, LookupResult
+from sidecar.resolver import Answer, extract_key
+from sidecar.schedule import NEVER
 from tests.support import ManualClock, make_resolver
 
 
@@ -163,3 +167,26 @@ async def test_status_shows_each_vaults_last_refresh(monkeypatch: pytest.MonkeyP
     at = datetime.fromisoformat(row["last_refresh_at"])
     assert row["last_refresh_age_seconds"] == 5
     assert abs((datetime.now(UTC) - at).total_seconds() - 5) < 1
+
+
+@pytest.mark.parametrize("result", [LookupResult.HIT, LookupResult.MISS, LookupResult.STALE])
+@pytest.mark.parametrize(
+    ("ref", "value", "version", "expires_in"),
+    [
+        ("{vault://env/db-password}", "hunter2", None, 299.9876),
+        ('{vault://env/x/"k"}', 'quote " back\\slash \u00e9 \u2028', "7", -3.5),
+        ("{vault://env/x?ttl=0}", "never expires", None, NEVER),
+        ("{vault://env/lone-\udc80}", "v", "123456789012345678901234567890", 0.0004),
+    ],
+)
+def test_encoded_answer_is_the_json_answer(
+    result: LookupResult, ref: str, value: str, version: str | None, expires_in: float
+) -> None:
+    """The hot path's bytes (fields memoized per value and reference) say exactly what
+    ``to_json`` says, for every state, on the first read and on later ones with new
+    times; the memo never changes the times of a later read."""
+    fetched = Fetched(value, version)
+    for age in (0.0, 12.3456, 0.1):
+        answer = Answer(ref, value, version, Lookup(fetched, result, age, expires_in - age))
+        assert json.loads(answer.encode()) == answer.to_json()
+    assert list(fetched.answers) == [ref]
