@@ -26,7 +26,6 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
-import orjson
 from aiohttp import web
 
 from sidecar.access import Peer
@@ -40,6 +39,7 @@ from sidecar.errors import (
 )
 from sidecar.facade_tokens import TokenTable
 from sidecar.http_message import JSONMessage
+from sidecar.json_codec import encode_json
 from sidecar.logging import get_logger
 from sidecar.resolver import Answer
 from sidecar.schedule import NEVER
@@ -326,7 +326,7 @@ async def _login(state: State, request: web.BaseRequest, login: KubernetesLogin)
 
 
 def _json(document: Any, status: int = 200) -> JSONMessage:
-    return JSONMessage(orjson.dumps(document), status)
+    return JSONMessage(encode_json(document), status)
 
 
 # Our codes as Vault's statuses; 404 and 403 carry no detail, as Vault's do.

@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
-import orjson
-
 from sidecar.backend_calls import BackendCalls, decoded
 from sidecar.backends import BatchBackend, Fetched, VaultSettings
 from sidecar.cache import Cache, Lookup, LookupResult, Policy, SecretKey
@@ -29,6 +27,7 @@ from sidecar.errors import (
     SidecarError,
     UnknownVault,
 )
+from sidecar.json_codec import encode_json
 from sidecar.metrics import Metrics
 from sidecar.reference import Reference, parse
 from sidecar.schedule import NEVER
@@ -72,15 +71,6 @@ _STATE = {
     LookupResult.MISS: b'"cached":false,"stale":false,"age_seconds":',
 }
 MAX_ENCODED = 16  # reference texts memoized per value (more: encoded per read)
-
-
-def encode_json(document: Any) -> bytes:
-    """orjson, several times the stdlib's speed; the stdlib for what orjson refuses
-    (integers past 64 bits, lone surrogates a percent-decoded query can carry)."""
-    try:
-        return orjson.dumps(document)
-    except orjson.JSONEncodeError:
-        return json.dumps(document).encode()
 
 
 @dataclass(slots=True)  # not frozen: one is made per read, and frozen init costs 3x

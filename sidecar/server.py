@@ -33,6 +33,7 @@ from sidecar.errors import (
     UnknownRoute,
 )
 from sidecar.http_message import JSONMessage
+from sidecar.json_codec import decode_json, encode_json
 from sidecar.logging import get_logger
 from sidecar.metrics import CONTENT_TYPE, Metrics
 from sidecar.reference import parse
@@ -41,7 +42,6 @@ from sidecar.resolver import (
     Answer,
     Resolver,
     Target,
-    encode_json,
     extract_key,
 )
 from sidecar.watch import END, Event, EventBus
@@ -300,7 +300,8 @@ async def json_body(state: State, request: web.BaseRequest, shape: str) -> Any:
     the facade count as 499."""
     try:
         async with asyncio.timeout(state.body_timeout):
-            return await request.json(loads=json.loads)
+            raw = await request.read()
+        return decode_json(raw, request.charset or "utf-8")
     except TimeoutError:
         raise RequestTimeout(f"request body not received within {state.body_timeout:g} s") from None
     except (ValueError, RecursionError):  # RecursionError: nesting deeper than json can parse
