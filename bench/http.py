@@ -9,7 +9,11 @@ min-max. Ratios are daemon/floor. The ``facade`` workload reads the same secrets
 through the Vault-KV facade (TCP on loopback, hvac's request shape) and is reported
 beside the daemon's own socket figure. The ``cold`` workload (``make bench`` only) reads
 secrets never read before from a Vault test server that takes ``BACKEND_LATENCY`` per
-request: every read is a cache miss and a backend call. Nothing here asserts a timing.
+request: every read is a cache miss and a backend call. ``make bench`` then adds, each
+from its own module: exec -> ready and RSS at up to 100 000 prefetched (``bench.startup``),
+read latency and loop lag while 10 000 entries are refreshed (``bench.refresh_burst``),
+and backend calls per refresh interval for 1000 AWS secrets on moto
+(``bench.aws_refresh``). Nothing here asserts a timing.
 
     python -m bench.http                  # make bench: 3 runs, c = 1, 16, 64
     python -m bench.http --quick          # make bench-quick: 1 short run at c = 16
@@ -25,12 +29,10 @@ import os
 import platform
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,14 +42,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import yaml
 
+from bench import aws_refresh, refresh_burst, startup
+from bench.daemon import LOAD_CORE, SERVER_CORE, daemon_command, free_port, pinned, rss_mib, started
 from bench.workload import keyed_refs, path, plain_refs, secrets_env
 
 SECRETS = 1000
 BATCH = 10
 RESULTS = Path(__file__).parent / "results"
-SERVER_CORE, LOAD_CORE = 0, 1
 FACADE_TOKEN = "bench-facade-token-0123456789"
 BACKEND_LATENCY = 0.02  # the cold workload's Vault: 20 ms a request, as across a region
 COLD_PER_RUN = 6000  # fresh secret ids per h2load run: more than 5 s of cold misses read
@@ -116,13 +118,6 @@ class Sample:
     failed: int
 
 
-def _pinned(core: int) -> list[str]:
-    """``taskset -c core`` where there is more than one core to keep apart."""
-    if (os.cpu_count() or 1) > 1 and shutil.which("taskset"):
-        return ["taskset", "-c", str(core)]
-    return []
-
-
 @contextmanager
 def _server(
     kind: str,
@@ -135,17 +130,14 @@ def _server(
     vaults: list[dict[str, Any]] | None = None,
 ) -> Iterator[tuple[Path, int, float]]:
     """Start the floor or the daemon; yield its socket, pid and exec -> ready seconds."""
-    socket_path = work / f"{kind}.sock"
     if kind == "floor":
-        command = [sys.executable, "-m", "bench.floor", "--socket", str(socket_path),
-                   "--secrets", str(SECRETS)]  # fmt: skip
+        socket_path = work / "floor.sock"
+        command = [*pinned(SERVER_CORE), sys.executable, "-m", "bench.floor",
+                   "--socket", str(socket_path), "--secrets", str(SECRETS)]  # fmt: skip
+        probe = path(plain_refs(1)[0])
     else:
-        config = {
-            "listen": {
-                "socket": str(socket_path),
-                "max_concurrent_requests": 4096,
-                "max_connections": 4096,
-            },
+        config: dict[str, Any] = {
+            "listen": {"max_concurrent_requests": 4096, "max_connections": 4096},
             "metrics": {"address": f"127.0.0.1:{metrics_port}" if metrics_port else ""},
             "prefetch": [*plain_refs(SECRETS), *keyed_refs()] if prefetch is None else prefetch,
             "limits": {"rate": 1e9, "burst": 10**6},
@@ -159,45 +151,15 @@ def _server(
                 "tokens": [{"name": "bench", "token_env": "BENCH_FACADE_TOKEN", "allow": ["*"]}],
             }
             env = {**env, "BENCH_FACADE_TOKEN": FACADE_TOKEN}
-        (work / "daemon.yaml").write_text(yaml.safe_dump(config))
-        command = [sys.executable, "-m", "sidecar", "run", "-c", str(work / "daemon.yaml")]
-    log = (work / f"{kind}.log").open("ab")
-    started = time.perf_counter()
-    process = subprocess.Popen(
-        [*_pinned(SERVER_CORE), *command],
-        env={**os.environ, **env},
-        stdout=log,
-        stderr=log,
-        cwd=Path(__file__).parent.parent,
-    )
-    try:
-        ready = asyncio.run(_ready(socket_path, kind, process)) - started
-        yield socket_path, process.pid, ready
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
-        log.close()
-
-
-def lifecycle(sizes: list[int]) -> dict[str, Any]:
-    """exec -> ready and RSS with this many prefetched env secrets, one daemon each."""
-    facts: dict[str, Any] = {}
-    for size in sizes:
-        env = {f"BENCH_{i}": f"v{i}" for i in range(size)}
-        with (
-            tempfile.TemporaryDirectory(prefix="bench-") as tmp,
-            _server("daemon", Path(tmp), env, prefetch=plain_refs(size)) as (_, pid, ready),
-        ):
-            facts[str(size)] = {"exec_to_ready_seconds": round(ready, 3),
-                                "rss_mib": round(rss_mib(pid), 1)}  # fmt: skip
-        print(f"prefetch {size}: exec -> ready {ready:.3f} s, RSS {facts[str(size)]['rss_mib']}"
-              " MiB", flush=True)  # fmt: skip
-    return facts
+        command, socket_path = daemon_command(config, work)
+        probe = "/readyz"
+    with started(command, socket_path, probe, env, work / f"{kind}.log") as server:
+        yield server.socket, server.pid, server.ready_seconds
 
 
 def cold_reads(readers: int = 1000) -> dict[str, Any]:
     """``readers`` concurrent first reads of one reference: how many backend calls."""
-    port = _free_port()
+    port = free_port()
     with (
         tempfile.TemporaryDirectory(prefix="bench-") as tmp,
         _server("daemon", Path(tmp), {"BENCH_0": "v"}, prefetch=[], metrics_port=port) as (
@@ -236,41 +198,6 @@ async def _backend_calls(port: int) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-async def _ready(socket_path: Path, kind: str, process: subprocess.Popen[bytes]) -> float:
-    probe = "/readyz" if kind == "daemon" else path(plain_refs(1)[0])
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{kind} exited {process.returncode}")
-        if socket_path.exists():
-            try:
-                connector = aiohttp.UnixConnector(path=str(socket_path))
-                async with (
-                    aiohttp.ClientSession(connector=connector) as session,
-                    session.get(f"http://bench{probe}") as response,
-                ):
-                    if response.status == 200:
-                        return time.perf_counter()
-            except aiohttp.ClientError:
-                pass
-        await asyncio.sleep(0.005)
-    raise RuntimeError(f"{kind} not ready within 60 s")
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def _h2load(
     target: Path | str, load: Workload, concurrency: int, duration: float, work: Path
 ) -> tuple[float, list[float], int]:
@@ -281,7 +208,7 @@ def _h2load(
     uris.write_text("".join(f"{base}{u}\n" for u in load.uris))
     log = work / "h2load.log"
     log.unlink(missing_ok=True)
-    command = [*_pinned(LOAD_CORE), "h2load", "--h1", "-m", "1", "-t", "1",
+    command = [*pinned(LOAD_CORE), "h2load", "--h1", "-m", "1", "-t", "1",
                "-c", str(concurrency), "-D", f"{duration:g}", "--warm-up-time", "1",
                "-i", str(uris), "--log-file", str(log)]  # fmt: skip
     if isinstance(target, Path):
@@ -323,7 +250,7 @@ def measure(
     chosen = [w for w in workloads() if w.name in names]
     samples: list[Sample] = []
     facts: dict[str, Any] = {}
-    facade = f"http://127.0.0.1:{_free_port()}"
+    facade = f"http://127.0.0.1:{free_port()}"
     slices = runs * len(concurrencies) if any(w.cold for w in chosen) else 0
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         work = Path(tmp)
@@ -491,9 +418,12 @@ def markdown(rows: list[dict[str, Any]], result: dict[str, Any], runs: int) -> s
     if cold:
         lines.append(f"{cold['readers']} concurrent cold reads of one reference:"
                      f" {cold['backend_calls']:.0f} backend call(s).")  # fmt: skip
-    for size, fact in f.get("prefetch", {}).items():
-        lines.append(f"{int(size):,} prefetched: exec -> ready {fact['exec_to_ready_seconds']} s,"
-                     f" RSS {fact['rss_mib']} MiB.")  # fmt: skip
+    if "prefetch" in f:
+        lines += startup.markdown(f["prefetch"])
+    if "refresh_burst" in f:
+        lines += refresh_burst.markdown(f["refresh_burst"])
+    if "aws_refresh" in f:
+        lines += aws_refresh.markdown(f["aws_refresh"])
     return "\n".join(lines) + "\n"
 
 
@@ -534,7 +464,8 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--workloads", nargs="+", default=[w.name for w in workloads()])
-    parser.add_argument("--save", action="store_true", help="write bench/results/<date>.*")
+    parser.add_argument("--save", action="store_true", help="write <results>/<date>.*")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="default bench/results")
     args = parser.parse_args()
     if shutil.which("h2load") is None:
         sys.exit("h2load not found: apt-get install nghttp2-client")
@@ -543,15 +474,16 @@ def main() -> None:
         args.workloads = [w for w in args.workloads if w != "cold"]  # CI: no Vault to fill
     result = measure(args.runs, args.concurrency, args.duration, args.workloads)
     result["facts"]["cold_reads"] = cold_reads()
-    if not args.quick:
-        # 100 000 variables would pass the kernel's limit on a process's environment
-        result["facts"]["prefetch"] = lifecycle([0, 10_000, 50_000])
+    if not args.quick:  # make bench only: about 3 minutes more
+        result["facts"]["prefetch"] = startup.lifecycle([0, 10_000, 50_000, 100_000])
+        result["facts"]["refresh_burst"] = refresh_burst.measure()
+        result["facts"]["aws_refresh"] = aws_refresh.measure()
     rows = summarize(result)
     table = markdown(rows, result, args.runs)
     print("\n" + table)
     if args.save:
-        RESULTS.mkdir(exist_ok=True)
-        stem = RESULTS / datetime.now(UTC).strftime("%Y-%m-%d")
+        args.results.mkdir(exist_ok=True)
+        stem = args.results / datetime.now(UTC).strftime("%Y-%m-%d")
         summary = {"summary": rows, "facade": summarize_facade(result),
                    "cold": summarize_cold(result)}  # fmt: skip
         stem.with_suffix(".json").write_text(json.dumps({**result, **summary}, indent=1))
