@@ -403,3 +403,25 @@ async def test_a_client_that_leaves_mid_body_is_gone_not_a_server_error(
     await wait_until(counted, 10, "five 499s for the batch endpoint")
     assert not [e for e in daemon.log_events() if e.get("event") == "request.failed"]
     assert (await daemon.get("{vault://env/db-password}"))[0] == 200
+
+
+async def test_header_deadline_is_per_request_on_a_kept_alive_connection(
+    make_daemon: MakeDaemon,
+) -> None:
+    """One timer per connection checks each request's header deadline: requests that
+    keep coming on one connection for longer than ``header_timeout`` are all answered,
+    and a later request trickled on that same connection still gets its 408."""
+    daemon = await make_daemon({"listen": {"header_timeout": 0.5}}).started()
+    reader, writer = await asyncio.open_unix_connection(str(daemon.socket))
+    try:
+        for _ in range(8):  # 1.2 s of requests, each complete in time
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200")
+            await reader.readexactly(len(b'{"status":"ok"}'))
+            await asyncio.sleep(0.15)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHo")
+        status, _, answer = parsed(await asyncio.wait_for(reader.read(), 5))
+        assert (status, answer["error"]["code"]) == (408, "request_timeout")
+    finally:
+        writer.close()
