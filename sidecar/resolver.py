@@ -11,7 +11,7 @@ import asyncio
 import json
 import re
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
@@ -35,8 +35,10 @@ from sidecar.status import vault_status
 from sidecar.vaults import Vault, VaultRegistry
 
 T = TypeVar("T")
+Loader = Callable[[], Awaitable[Fetched]]
 
 MAX_BOUND = 65_536  # remembered reference texts per resolver
+MAX_LOADS = 64  # loads in flight per load() call (the backends' own limits apply too)
 # Prefetch loads this many at once: 50 000 concurrent loads left 5 KiB of RSS per entry
 # behind (their tasks' peak), and batching backends batch far fewer anyway.
 PREFETCH_CHUNK = 1000
@@ -94,10 +96,15 @@ class Answer:
         state = _STATE.get(lookup.result)
         if state is None:  # not a state an answer is made in; the general path says it
             return encode_json(self.to_json())
-        expires = lookup.expires_in
-        until = b"null" if expires == NEVER else repr(round(expires, 3)).encode()
-        age = repr(round(lookup.age, 3)).encode()
-        return b'%s%s%s,"expires_in_seconds":%s}' % (fixed, state, age, until)
+        # %.3f is round(x, 3) as JSON, correctly rounded both, at a sixth of the cost
+        if lookup.expires_in == NEVER:
+            return b'%s%s%.3f,"expires_in_seconds":null}' % (fixed, state, lookup.age)
+        return b'%s%s%.3f,"expires_in_seconds":%.3f}' % (
+            fixed,
+            state,
+            lookup.age,
+            lookup.expires_in,
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -277,14 +284,7 @@ class Resolver:
             groups[(key.vault, key.generation, key.settings)].append(key)
         results: dict[SecretKey, Lookup | SidecarError] = {}
 
-        async def one(key: SecretKey, load: Callable[[], Awaitable[Fetched]]) -> None:
-            try:
-                policy = self.policy(key.settings)
-                results[key] = await self.cache.get(key, policy, load, force=force)
-            except SidecarError as exc:
-                results[key] = exc
-
-        jobs = []
+        queues: list[list[tuple[SecretKey, Loader]]] = []
         for (prefix, generation, settings), group in groups.items():
             try:
                 vault = self.vaults.get(prefix)
@@ -296,10 +296,27 @@ class Resolver:
             backend = vault.backend
             if isinstance(backend, BatchBackend) and len(group) > 1:
                 loaders = self._batch_loaders(vault, backend, settings, group)
-                jobs += [one(key, loaders[key]) for key in group]
+                queues.append([(key, loaders[key]) for key in group])
             else:
-                jobs += [one(key, partial(self.calls.fetch, vault, key)) for key in group]
-        await asyncio.gather(*jobs)
+                queues.append([(key, partial(self.calls.fetch, vault, key)) for key in group])
+
+        # Per group a bounded pool of workers over its queue, not a task per key: 10 000
+        # keys due at once (a refresh burst) ran as one loop pass of over a second, and
+        # every read waited that long. Pools per group, so a hung vault holds up only its
+        # own keys; a batch is one call whichever worker starts it.
+        async def worker(queue: Iterator[tuple[SecretKey, Loader]]) -> None:
+            for key, load in queue:
+                try:
+                    policy = self.policy(key.settings)
+                    results[key] = await self.cache.get(key, policy, load, force=force)
+                except SidecarError as exc:
+                    results[key] = exc
+
+        workers = []
+        for jobs in queues:
+            queue = iter(jobs)
+            workers += [worker(queue) for _ in range(min(MAX_LOADS, len(jobs)))]
+        await asyncio.gather(*workers)
         return results
 
     def _batch_loaders(

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from datetime import UTC, datetime
 
 import pytest
 
+from sidecar.backends import Fetched
+from sidecar.cache import Lookup, LookupResult
 from sidecar.config import VaultEntity, parse_config
 from sidecar.errors import InvalidReference, SecretNotFound, UnknownVault
 from sidecar.metrics import Metrics
-from sidecar.backends import Fetched
-from sidecar.cache import Lookup, LookupResult
 from sidecar.resolver import Answer, extract_key
 from sidecar.schedule import NEVER
 from tests.support import ManualClock, make_resolver
@@ -190,3 +191,20 @@ def test_encoded_answer_is_the_json_answer(
         answer = Answer(ref, value, version, Lookup(fetched, result, age, expires_in - age))
         assert json.loads(answer.encode()) == answer.to_json()
     assert list(fetched.answers) == [ref]
+
+
+async def test_a_refresh_burst_leaves_the_loop_to_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    """10 000 keys refreshed at once run as a bounded pool (``MAX_LOADS`` in flight), so
+    the loop gets back to other work (reads, the socket) between a few dozen loads; a
+    task per key ran all of them in a handful of loop passes."""
+    for i in range(10_000):
+        monkeypatch.setenv(f"BURST_{i}", f"v{i}")
+    resolver = make_resolver()
+    assert await resolver.prefetch([f"{{vault://env/burst-{i}}}" for i in range(10_000)]) == {}
+    burst = asyncio.create_task(resolver.refresh_all())
+    passes = 0
+    while not burst.done():
+        await asyncio.sleep(0)
+        passes += 1
+    assert burst.result() == {"ok": 10_000}
+    assert passes >= 100  # the pool of 64: 156 and more; a task per key: 10
