@@ -11,12 +11,38 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
-from sidecar import __version__
 from sidecar.probe import probe
 
 OK, FAILED, USAGE = 0, 1, 2
 _REF_HELP = "a reference {vault://...} or Kong's short form <name>/<resource>[/<key>]"
+
+
+class _Version(argparse.Action):
+    """``--version``: the version is looked up only when asked for (``sidecar.__getattr__``
+    says why), where argparse's own action wants it when the parser is built."""
+
+    def __init__(self, option_strings: list[str], dest: str) -> None:
+        super().__init__(
+            option_strings,
+            argparse.SUPPRESS,
+            nargs=0,
+            default=argparse.SUPPRESS,
+            help="show the version and exit",
+        )
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        from sidecar import __version__  # noqa: PLC0415
+
+        print(__version__)
+        parser.exit()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Resolve Kong vault references for a gateway over a Unix socket.",
         epilog="Exit codes: 0 ok, 1 runtime failure, 2 usage or config error.",
     )
-    parser.add_argument("--version", action="version", version=__version__)
+    parser.add_argument("--version", action=_Version)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the daemon")
     run.add_argument("-c", "--config", type=Path, help="YAML config (default: embedded)")
