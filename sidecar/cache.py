@@ -285,7 +285,9 @@ class Cache:
             entry.expires_at = now + policy.ttl
             steady = previous is not None and before is Health.FRESH
             draw = self.schedule.fraction if steady else self.schedule.first_fraction
-            refresh_at = now + policy.ttl * draw(self.jitter())
+            refresh_at = max(
+                now, Schedule.aligned(now + policy.ttl * draw(self.jitter()), policy.ttl)
+            )
         if key.generation in self._retired:  # its vault was replaced while this ran
             return self._lookup(entry, LookupResult.MISS, now)
         self._store(key, entry, refresh_at)

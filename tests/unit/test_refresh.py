@@ -169,3 +169,27 @@ async def test_local_env_backend_is_not_rate_limited(monkeypatch: pytest.MonkeyP
         "secret_sidecar_backend_rate_limited_total", {"vault": "env"}
     )
     assert not limited
+
+
+async def test_refreshes_come_due_together_so_a_batching_backend_can_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """1000 secrets at ttl 300, refresh times drawn at random in the window: they come
+    due on a shared grid (``Schedule.aligned``), about 50 rounds an interval rather than
+    one per secret, each refresh before its value expires."""
+    for i in range(1000):
+        monkeypatch.setenv(f"GRID_{i}", "v")
+    clock = ManualClock()
+    resolver = make_resolver(clock=clock, ttl=300, jitter=random.Random(7).random)
+    refresher = Refresher(lambda: resolver, resolver.cache, idle_ttl=None)
+    assert await resolver.prefetch([f"{{vault://env/grid-{i}}}" for i in range(1000)]) == {}
+    rounds, refreshed = 0, 0
+    for _ in range(300 * 10):  # one interval in 0.1 s steps
+        clock.advance(0.1)
+        expired = [e for _, e in resolver.cache.items() if e.expires_at <= clock.now]
+        assert not expired, "a refresh came after the value expired"
+        counts = await refresher.run_due()
+        rounds += bool(counts)
+        refreshed += counts.get("ok", 0)
+    assert refreshed >= 1000
+    assert rounds <= 300 / 5 + 1
