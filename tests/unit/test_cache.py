@@ -332,13 +332,15 @@ async def test_changes_are_reported_once_per_transition(cache: Cache, clock: Man
 async def test_refresh_schedule_within_ttl_and_backoff_after_failure(
     cache: Cache, clock: ManualClock
 ) -> None:
-    """A value is due at 75-90 % of its ttl; a failed refresh is due again after the backoff."""
+    """A value is due at 75-90 % of its ttl, moved earlier onto the refresh grid (ttl/20);
+    a failed refresh is due again after the backoff."""
     backend = Backend()
     await cache.get(key(), POLICY, backend.load)
-    assert cache.next_due() == clock.now + 54  # 90 % of 60 with jitter pinned at 1.0
-    assert cache.due(clock.now + 53) == []
-    assert cache.due(clock.now + 54) == [key()]
-    assert cache.due(clock.now + 54) == []  # popped once
+    due = clock.now + 53  # 90 % of 60 with jitter pinned at 1.0 (1054), on the 3 s grid
+    assert cache.next_due() == due
+    assert cache.due(due - 0.5) == []
+    assert cache.due(due) == [key()]
+    assert cache.due(due) == []  # popped once
     clock.advance(54)
     backend.failure = BackendUnavailable("down")
     await cache.get(key(), POLICY, backend.load, force=True)
