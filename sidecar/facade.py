@@ -337,9 +337,8 @@ def _error(exc: Exception) -> JSONMessage:
     if isinstance(exc, _NotFound):
         return _json({"errors": []}, 404)
     if isinstance(exc, NotAllowed):
-        response = _json({"errors": ["unsupported operation"]}, 405)
-        response.headers["Allow"] = ", ".join(exc.allowed)
-        return response
+        body = encode_json({"errors": ["unsupported operation"]})
+        return JSONMessage(body, 405, {"Allow": ", ".join(exc.allowed)})
     if isinstance(exc, SidecarError):
         if exc.code in _NOT_FOUND:
             return _json({"errors": []}, 404)

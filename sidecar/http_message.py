@@ -42,12 +42,16 @@ class _Clock:
 
 class JSONMessage(web.StreamResponse):
     """``body`` is the encoded JSON document; ``headers`` (such as ``Allow``) are added
-    to the fixed ones. The connection stays open when the request allows it, as with
-    aiohttp's own responses; a ``Connection: close`` request gets that header back."""
+    to the fixed ones, formatted once here (``self.headers`` is not read again). The
+    connection stays open when the request allows it, as with aiohttp's own responses;
+    a ``Connection: close`` request gets that header back."""
 
     def __init__(self, body: bytes, status: int = 200, headers: Mapping[str, str] | None = None):
         super().__init__(status=status, headers=headers)
         self.body = body
+        self._extra = b"".join(
+            f"{k}: {v}\r\n".encode("latin-1") for k, v in (headers or {}).items()
+        )
         self._keep: bool | None = None
         self._sent = False
         self._writer: AbstractStreamWriter | None = None
@@ -71,14 +75,12 @@ class JSONMessage(web.StreamResponse):
             raise ConnectionResetError("the client closed the connection")
         if self._keep is None:
             self._keep = request.keep_alive
-        head = [_STATUS_LINES[self.status], _FIXED, _Clock.date()]
-        head += [f"{name}: {value}\r\n".encode("latin-1") for name, value in self.headers.items()]
-        if not self._keep:
-            head.append(_CLOSE)
-        head.append(b"Content-Length: %d\r\n\r\n" % len(self.body))
-        if request.method != "HEAD":  # HEAD: the headers GET would have, and no body
-            head.append(self.body)
-        transport.write(b"".join(head))
+        body = self.body if request.method != "HEAD" else b""  # HEAD: GET's headers only
+        transport.write(
+            b"%s%s%s%s%sContent-Length: %d\r\n\r\n%s"
+            % (_STATUS_LINES[self.status], _FIXED, _Clock.date(), self._extra,
+               b"" if self._keep else _CLOSE, len(self.body), body)
+        )  # fmt: skip
         self._sent = True
         self._writer = request.writer
         return self._writer

@@ -190,11 +190,8 @@ def _error_response(request: web.BaseRequest, exc: Exception) -> JSONMessage:
         return _error(PayloadTooLarge(f"request body exceeds {MAX_BODY} bytes"))
     if isinstance(exc, NotAllowed):
         allowed = ", ".join(exc.allowed)
-        response = _error(
-            MethodNotAllowed(f"{request.method} is not allowed here (allowed: {allowed})")
-        )
-        response.headers["Allow"] = allowed
-        return response
+        error = MethodNotAllowed(f"{request.method} is not allowed here (allowed: {allowed})")
+        return JSONMessage(encode_json(error.to_json()), error.status, {"Allow": allowed})
     if isinstance(exc, web.HTTPException):
         body = {"error": {"code": "invalid_request", "message": exc.reason}}
         return _json(body, status=exc.status)
