@@ -23,6 +23,7 @@ from prometheus_client.utils import floatToGoString
 
 from sidecar import __version__
 from sidecar.backends.base import AuthReporting
+from sidecar.logging import dropped_lines
 
 BackendsView = Callable[[], Iterable[tuple[str, str, object]]]  # (vault, backend name, backend)
 
@@ -93,6 +94,7 @@ class Metrics:
         r.register(self._hot)
         self.observe_request = self._hot.observe_request
         self.count_lookup = self._hot.count_lookup
+        r.register(_LogDrops())
 
     def watch_backends(self, backends: BackendsView) -> None:
         """Export what authenticating backends report, read at scrape time.
@@ -152,6 +154,18 @@ class _PerRequest(Collector):
         for result, count in sorted(self.lookups.items()):
             lookups.add_metric([result], count)
         yield from (requests, durations, lookups)
+
+
+class _LogDrops(Collector):
+    """The log writer's count of dropped lines (sidecar.log_writer), read at scrape time."""
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            f"{PREFIX}_log_lines_dropped",
+            "Log lines dropped because stderr was not read for long (or its reader was gone).",
+        )
+        family.add_metric([], dropped_lines())
+        yield family
 
 
 class _AuthCollector(Collector):
