@@ -89,6 +89,7 @@ def _verbose_level(configured: str) -> str:
 
 
 def _fail(code: str, message: str) -> int:
+    sidecar_logging.flush()  # log lines queued before this message come out before it
     print(f"secret-sidecar: {code}: {message}", file=sys.stderr)
     return USAGE if code in _USAGE_CODES or code == ConfigError.code else FAILED
 

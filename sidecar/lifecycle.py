@@ -321,6 +321,7 @@ async def serve(
             return
         log.warning("stop.forced", in_flight=daemon.state.in_flight)
         unix_socket.remove(listen.socket, inode)
+        sidecar_logging.flush(timeout=1.0)  # os._exit skips atexit; "now" waits 1 s at most
         os._exit(1)
 
     api = web.ServerRunner(build_server(daemon.state), shutdown_timeout=1.0)
@@ -360,8 +361,11 @@ def run(config: Config, reload: Callable[[], Config] | None = None) -> None:
         factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
     except ImportError:
         factory = None
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(serve(config, reload=reload, handle_signals=True))
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(serve(config, reload=reload, handle_signals=True))
+    finally:
+        sidecar_logging.flush()  # "stopped" and every line before it, ahead of any traceback
     _exit_past_stuck_calls()
 
 
@@ -376,5 +380,6 @@ def _exit_past_stuck_calls() -> None:
     stuck = [t for t in threading.enumerate() if t is not main and not t.daemon]
     if stuck:
         log.warning("exit.abandoned_backend_calls", threads=len(stuck))
+        sidecar_logging.flush()
         sys.stderr.flush()
         os._exit(0)
