@@ -464,12 +464,17 @@ def short(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+# libyaml's safe loader where PyYAML has it (its wheels do): the pure-Python one took
+# 0.49 s for a 10 000-reference prefetch list and 10 s for 100 000, libyaml 0.03 s.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def load_config(path: Path | None) -> Config:
     """Read and validate ``path``; ``None`` gives the embedded default."""
     if path is None:
         return Config()
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_LOADER)  # noqa: S506 - a safe loader
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
     except yaml.YAMLError as exc:

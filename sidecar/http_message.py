@@ -49,8 +49,10 @@ class JSONMessage(web.StreamResponse):
     def __init__(self, body: bytes, status: int = 200, headers: Mapping[str, str] | None = None):
         super().__init__(status=status, headers=headers)
         self.body = body
-        self._extra = b"".join(
-            f"{k}: {v}\r\n".encode("latin-1") for k, v in (headers or {}).items()
+        self._extra = (
+            b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in headers.items())
+            if headers
+            else b""
         )
         self._keep: bool | None = None
         self._sent = False
