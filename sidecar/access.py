@@ -20,7 +20,7 @@ import functools
 import socket
 import struct
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
@@ -85,6 +85,7 @@ class Peer:
 
 
 UNKNOWN = Peer(None, None, None)
+MAX_VERDICTS = 65_536  # remembered access verdicts per policy
 
 
 def peer_of(transport: Any) -> Peer:
@@ -201,6 +202,7 @@ def _read_getpeereid(getpeereid: Any, sock: Any) -> Peer:
 class AccessPolicy:
     def __init__(self, rules: tuple[ClientRule, ...]) -> None:
         self.rules = rules
+        self._verdicts: dict[tuple[Peer, str, str], bool] = {}
         if not peer_credentials_supported():
             log.warning(
                 "access.peer_unknown",
@@ -218,14 +220,23 @@ class AccessPolicy:
         ]
 
     def allows(self, peer: Peer, name: str, resource: str) -> bool:
-        target = f"{name}/{resource}"
-        if peer.token is not None:
-            return any(fnmatchcase(target, pattern) for pattern in peer.token_allow)
-        if not self.rules:
+        """Remembered per (peer, vault, secret id): the rules' globs cost 6 us a read with
+        four rules, and a verdict depends on nothing else (a reload makes a new policy)."""
+        if not self.rules and peer.token is None:
             return True
-        return any(
-            fnmatchcase(target, pattern) for rule in self._rules_of(peer) for pattern in rule.allow
-        )
+        asked = (peer, name, resource)
+        verdict = self._verdicts.get(asked)
+        if verdict is None:
+            target = f"{name}/{resource}"
+            if peer.token is not None:
+                patterns: Iterable[str] = peer.token_allow
+            else:
+                patterns = (pattern for rule in self._rules_of(peer) for pattern in rule.allow)
+            verdict = any(fnmatchcase(target, pattern) for pattern in patterns)
+            if len(self._verdicts) >= MAX_VERDICTS:
+                self._verdicts.clear()  # more distinct readers x secrets than any gateway has
+            self._verdicts[asked] = verdict
+        return verdict
 
     def is_admin(self, peer: Peer) -> bool:
         """May refresh everything and see which secret ids are cached or missing."""

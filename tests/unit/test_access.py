@@ -296,3 +296,25 @@ async def test_rules_fail_closed_if_served_anyway(
         body = await response.json()
     assert body["error"]["code"] == "forbidden"
     assert "unknown" in body["error"]["message"]
+
+
+def test_remembered_verdicts_are_per_peer_and_per_policy() -> None:
+    """Verdicts are remembered per (peer, vault, secret id): one peer's allowed read never
+    answers for another peer, a token for a uid, or a reloaded (new) policy."""
+    rules = parse_config({"clients": [{"uid": 1000, "allow": ["env/team-a/*"]}]}).clients
+    policy = AccessPolicy(rules)
+    reader, other = Peer(1, 1000, 1000), Peer(2, 1001, 1001)
+    token = Peer(None, None, None, token="ci", token_allow=("env/other/*",))
+    for _ in range(3):  # asked again and again, in turn: the memo answers after the first
+        assert policy.allows(reader, "env", "team-a/db")
+        assert not policy.allows(other, "env", "team-a/db")
+        assert not policy.allows(token, "env", "team-a/db")
+        assert policy.allows(token, "env", "other/x")
+        assert not policy.allows(reader, "env", "team-b/db")
+    reloaded = AccessPolicy(
+        parse_config({"clients": [{"uid": 1001, "allow": ["env/team-a/*"]}]}).clients
+    )
+    assert (
+        reloaded.allows(reader, "env", "team-a/db"),
+        reloaded.allows(other, "env", "team-a/db"),
+    ) == (False, True)
