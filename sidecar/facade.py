@@ -255,10 +255,8 @@ async def _read_secret(
     peer = _peer(facade, request)  # before anything about the path is said
     ref = _reference(segments, _version(facade, request))
     answer = await read(facade.state, peer, ref, trace=request)
-    response = _json(_secret_body(facade.config, answer))
-    if answer.lookup.stale:
-        response.headers[STALE] = "true"
-    return response
+    headers = {STALE: "true"} if answer.lookup.stale else None
+    return JSONMessage(encode_json(_secret_body(facade.config, answer)), 200, headers)
 
 
 def _secret_body(config: FacadeConfig, answer: Answer) -> dict[str, Any]:

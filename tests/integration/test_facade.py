@@ -18,6 +18,7 @@ import hvac.exceptions
 import pytest
 import requests
 
+from tests.backends.vault_server import FakeVault
 from tests.canary import value
 from tests.integration.conftest import SECRETS, MakeDaemon
 from tests.integration.harness import Daemon, free_port, wait_until
@@ -292,3 +293,44 @@ async def test_kubernetes_login_hands_out_a_token_of_the_roles_rule(
     ):
         with pytest.raises(hvac.exceptions.Forbidden):
             await call(lambda t=refused: login(t))  # type: ignore[misc]
+
+
+async def test_a_stale_value_is_served_with_the_stale_header(make_daemon: MakeDaemon) -> None:
+    """With the backend down, the facade serves the last good value (resurrect_ttl) as
+    Vault's answer and says so in ``X-Secret-Sidecar-Stale: true``; a fresh one has none."""
+    vault = FakeVault()
+    vault.enable_kv("secret", "v1")
+    vault.put("secret", "db", {"password": "p"})
+    vault.start()
+    try:
+        token = vault.create_token(ttl=3600)
+        port = free_port()
+        config = facade_config(port)
+        config["facade"]["tokens"][0]["allow"] = ["hv/*"]
+        config["vaults"] = [{"prefix": "hv", "name": "hcv",
+                             "config": {"port": vault.port, "token": token, "ttl": 1,
+                                        "resurrect_ttl": 600}}]  # fmt: skip
+        await make_daemon(config, {"FACADE_TOKEN": TOKEN, "OTHER_TOKEN": OTHER}).started()
+        await wait_until(lambda: _listening(port), 10, "the facade to listen")
+        url = f"http://127.0.0.1:{port}/v1/secret/data/hv/db"
+
+        def get() -> requests.Response:
+            return requests.get(url, headers={"X-Vault-Token": TOKEN}, timeout=10)
+
+        fresh = await call(get)
+        assert fresh.status_code == 200
+        assert "X-Secret-Sidecar-Stale" not in fresh.headers
+        vault.sealed = True
+        answers: list[requests.Response] = []
+
+        async def served_stale() -> bool:  # once the 1 s ttl is over
+            answers.append(await call(get))
+            return "X-Secret-Sidecar-Stale" in answers[-1].headers
+
+        await wait_until(served_stale, 10, "a stale answer with the backend sealed")
+        stale = answers[-1]
+        assert stale.status_code == 200, stale.text
+        assert stale.headers["X-Secret-Sidecar-Stale"] == "true"
+        assert stale.json()["data"]["data"] == {"password": "p"}
+    finally:
+        vault.stop()
