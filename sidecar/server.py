@@ -37,13 +37,7 @@ from sidecar.json_codec import decode_json, encode_json
 from sidecar.logging import get_logger
 from sidecar.metrics import CONTENT_TYPE, Metrics
 from sidecar.reference import parse
-from sidecar.resolver import (
-    CONTROL_CHARACTERS,
-    Answer,
-    Resolver,
-    Target,
-    extract_key,
-)
+from sidecar.resolver import CONTROL_CHARACTERS, Answer, Resolver, Target, extract_key
 from sidecar.watch import END, Event, EventBus
 
 log = get_logger("sidecar.server")
