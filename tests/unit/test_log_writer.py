@@ -173,7 +173,10 @@ def test_the_gap_is_announced_once_writing_resumes_even_with_no_line_after(
     os.close(write_end)
     output = reader.until_eof()
     assert check_accounted(output, intended) == writer.dropped
-    assert json.loads(output.splitlines()[-1])["event"] == "log.dropped"
+    # not necessarily last: lines accepted after an early gap (the thread had drained
+    # some into the pipe meanwhile) follow its announcement
+    events = [json.loads(raw).get("event") for raw in output.splitlines()]
+    assert "log.dropped" in events
 
 
 def test_flush_gives_up_on_a_pipe_that_takes_nothing_then_finishes_once_read(
