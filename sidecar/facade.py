@@ -39,7 +39,6 @@ from sidecar.errors import (
 )
 from sidecar.facade_tokens import TokenTable
 from sidecar.http_message import JSONMessage
-from sidecar.json_codec import encode_json
 from sidecar.logging import get_logger
 from sidecar.resolver import Answer
 from sidecar.schedule import NEVER
@@ -256,7 +255,7 @@ async def _read_secret(
     ref = _reference(segments, _version(facade, request))
     answer = await read(facade.state, peer, ref, trace=request)
     headers = {STALE: "true"} if answer.lookup.stale else None
-    return JSONMessage(encode_json(_secret_body(facade.config, answer)), 200, headers)
+    return JSONMessage.of(_secret_body(facade.config, answer), 200, headers)
 
 
 def _secret_body(config: FacadeConfig, answer: Answer) -> dict[str, Any]:
@@ -318,13 +317,9 @@ async def _login(state: State, request: web.BaseRequest, login: KubernetesLogin)
         "token_type": "service",
         "orphan": True,
     }
-    return _json({"request_id": str(uuid.uuid4()), "lease_id": "", "renewable": False,
+    return JSONMessage.of({"request_id": str(uuid.uuid4()), "lease_id": "", "renewable": False,
                   "lease_duration": 0, "data": None, "wrap_info": None, "warnings": None,
                   "auth": auth})  # fmt: skip
-
-
-def _json(document: Any, status: int = 200) -> JSONMessage:
-    return JSONMessage(encode_json(document), status)
 
 
 # Our codes as Vault's statuses; 404 and 403 carry no detail, as Vault's do.
@@ -333,17 +328,17 @@ _NOT_FOUND = frozenset({"not_found", "unknown_vault"})
 
 def _error(exc: Exception) -> JSONMessage:
     if isinstance(exc, _NotFound):
-        return _json({"errors": []}, 404)
+        return JSONMessage.of({"errors": []}, 404)
     if isinstance(exc, NotAllowed):
-        body = encode_json({"errors": ["unsupported operation"]})
-        return JSONMessage(body, 405, {"Allow": ", ".join(exc.allowed)})
+        allowed = {"Allow": ", ".join(exc.allowed)}
+        return JSONMessage.of({"errors": ["unsupported operation"]}, 405, allowed)
     if isinstance(exc, SidecarError):
         if exc.code in _NOT_FOUND:
-            return _json({"errors": []}, 404)
+            return JSONMessage.of({"errors": []}, 404)
         if isinstance(exc, Forbidden):
-            return _json(_DENIED, 403)
-        return _json({"errors": [exc.message]}, exc.status)
+            return JSONMessage.of(_DENIED, 403)
+        return JSONMessage.of({"errors": [exc.message]}, exc.status)
     if isinstance(exc, web.HTTPException):
-        return _json({"errors": [exc.reason]}, exc.status)
+        return JSONMessage.of({"errors": [exc.reason]}, exc.status)
     log.error("request.failed", endpoint=ENDPOINT, error_type=type(exc).__name__)
-    return _json({"errors": ["internal error"]}, 500)
+    return JSONMessage.of({"errors": ["internal error"]}, 500)

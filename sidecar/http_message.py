@@ -15,9 +15,12 @@ import time
 from collections.abc import Mapping
 from email.utils import formatdate
 from http import HTTPStatus
+from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
+
+from sidecar.json_codec import encode_json
 
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 _FIXED = b"Server: secret-sidecar\r\nContent-Type: application/json\r\n"
@@ -47,7 +50,7 @@ class JSONMessage(web.StreamResponse):
     a ``Connection: close`` request gets that header back."""
 
     def __init__(self, body: bytes, status: int = 200, headers: Mapping[str, str] | None = None):
-        super().__init__(status=status, headers=headers)
+        super().__init__(status=status)  # headers: formatted below, never a multidict
         self.body = body
         self._extra = (
             b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in headers.items())
@@ -86,6 +89,13 @@ class JSONMessage(web.StreamResponse):
         self._sent = True
         self._writer = request.writer
         return self._writer
+
+    @classmethod
+    def of(
+        cls, document: Any, status: int = 200, headers: Mapping[str, str] | None = None
+    ) -> JSONMessage:
+        """A JSON document's message: the one way every listener answers with JSON."""
+        return cls(encode_json(document), status, headers)
 
     async def write_eof(self, data: bytes = b"") -> None:
         """The message is already written; wait only while the peer is not reading, as

@@ -92,11 +92,7 @@ def _peer(request: web.BaseRequest) -> Peer:
 
 
 def _error(exc: SidecarError) -> JSONMessage:
-    return _json(exc.to_json(), exc.status)
-
-
-def _json(document: Any, status: int = 200) -> JSONMessage:
-    return JSONMessage(encode_json(document), status)
+    return JSONMessage.of(exc.to_json(), exc.status)
 
 
 async def _guard(state: State, request: web.BaseRequest) -> web.StreamResponse:
@@ -185,13 +181,13 @@ def _error_response(request: web.BaseRequest, exc: Exception) -> JSONMessage:
     if isinstance(exc, NotAllowed):
         allowed = ", ".join(exc.allowed)
         error = MethodNotAllowed(f"{request.method} is not allowed here (allowed: {allowed})")
-        return JSONMessage(encode_json(error.to_json()), error.status, {"Allow": allowed})
+        return JSONMessage.of(error.to_json(), error.status, {"Allow": allowed})
     if isinstance(exc, web.HTTPException):
         body = {"error": {"code": "invalid_request", "message": exc.reason}}
-        return _json(body, status=exc.status)
+        return JSONMessage.of(body, status=exc.status)
     log.error("request.failed", error_type=type(exc).__name__)
     body = {"error": {"code": "internal_error", "message": "internal error"}}
-    return _json(body, status=500)
+    return JSONMessage.of(body, status=500)
 
 
 def _authorized(state: State, peer: Peer, ref: str) -> Target:
@@ -339,12 +335,12 @@ async def refresh(state: State, request: web.BaseRequest) -> web.StreamResponse:
     refs = request.query.getall("ref", [])
     if not refs:
         state.access.check_admin(peer, "refreshing every entry")
-        return _json({"refreshed": await state.resolver.refresh_all()})
+        return JSONMessage.of({"refreshed": await state.resolver.refresh_all()})
     results = []
     for ref in refs:
         answer = await read(state, peer, ref, force=True)
         results.append({k: v for k, v in answer.to_json().items() if k != "value"})
-    return _json({"refreshed": results})
+    return JSONMessage.of({"refreshed": results})
 
 
 async def watch(state: State, request: web.BaseRequest) -> web.StreamResponse:
@@ -422,29 +418,29 @@ def _event_json(ref: str, target: Target, event: Event, include_values: bool) ->
 
 
 async def healthz(state: State, request: web.BaseRequest) -> web.StreamResponse:
-    return _json({"status": "ok"})
+    return JSONMessage.of({"status": "ok"})
 
 
 async def readyz(state: State, request: web.BaseRequest) -> web.StreamResponse:
     """What is missing names secret ids: only admin peers see it (the rest: ready or not)."""
     if state.ready:
-        return _json({"ready": True})
+        return JSONMessage.of({"ready": True})
     body: dict[str, Any] = {"ready": False}
     if state.access.is_admin(_peer(request)):
         body["missing"] = state.not_ready
-    return _json(body, status=503)
+    return JSONMessage.of(body, status=503)
 
 
 async def status(state: State, request: web.BaseRequest) -> web.StreamResponse:
     """Per-vault state and last errors name secret ids: admin peers only, others get ready."""
     if not state.access.is_admin(_peer(request)):
-        return _json({"ready": state.ready})
+        return JSONMessage.of({"ready": state.ready})
     body = {
         "ready": state.ready,
         "requests_in_flight": state.in_flight,
         "watchers": len(state.events),
     }
-    return _json(body | state.resolver.status())
+    return JSONMessage.of(body | state.resolver.status())
 
 
 ROUTES: dict[str, dict[str, Handler]] = {
