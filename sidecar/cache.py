@@ -228,13 +228,12 @@ class Cache:
         if entry is None:
             return None
         now = self.clock()
-        fetched = entry.fetched
-        if fetched is None or now >= entry.expires_at:  # Entry.is_fresh, inlined: hot path
+        if not entry.is_fresh(now):
             return None
         entry.last_used = now
         self._entries.move_to_end(key)
         self.observe(LookupResult.HIT)
-        return Lookup(fetched, LookupResult.HIT, now - entry.fetched_at, entry.expires_at - now)
+        return self._lookup(entry, LookupResult.HIT, now)
 
     def _may_retry_early(self, key: SecretKey, entry: Entry, now: float) -> bool:
         """A transient failure with nothing to serve: one reader a second may ask again
