@@ -107,22 +107,20 @@ _stderr: LogWriter | FileWriter | None = None  # fd 2's: made once, kept across 
 _loggers: dict[str, _Named] = {}
 
 
-def _json(event: Any, **_: Any) -> str:
-    """orjson, several times the stdlib's speed; a type it cannot encode becomes str, and
-    what it refuses outright (integers past 64 bits, from a reference's ``#version``)
-    goes through the stdlib: a log line must never fail the request it describes."""
-    try:
-        return orjson.dumps(event, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
-    except orjson.JSONEncodeError:
-        return json.dumps(event, default=str)
-
-
 def _json_line(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> bytes:
-    """``_json`` as the bytes the writer takes, newline included: no str round trip."""
+    """orjson, several times the stdlib's speed, to the bytes the writer takes (newline
+    included); a type it cannot encode becomes str, and what it refuses outright
+    (integers past 64 bits, from a reference's ``#version``) goes through the stdlib:
+    a log line must never fail the request it describes."""
     try:
         return orjson.dumps(event, default=str, option=_LINE)
     except orjson.JSONEncodeError:
         return json.dumps(event, default=str).encode() + b"\n"
+
+
+def _json(event: Any, **_: Any) -> str:
+    """``_json_line`` for structlog's JSONRenderer (library records): a str, no newline."""
+    return _json_line(None, "", event)[:-1].decode()
 
 
 class _ConsoleLine:
