@@ -14,7 +14,6 @@ import asyncio
 import os
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,8 @@ import aiohttp
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
+
+from tests.integration.harness import free_port
 
 ROOT = Path(__file__).parent.parent
 SERVER_CORE, LOAD_CORE = 0, 1
@@ -63,13 +64,6 @@ def on_core(core: int = LOAD_CORE) -> Iterator[None]:
         yield
     finally:
         os.sched_setaffinity(0, before)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def rss_mib(pid: int) -> float:

@@ -44,8 +44,9 @@ from typing import Any
 import aiohttp
 
 from bench import aws_refresh, refresh_burst, startup
-from bench.daemon import LOAD_CORE, SERVER_CORE, daemon_command, free_port, pinned, rss_mib, started
+from bench.daemon import LOAD_CORE, SERVER_CORE, daemon_command, pinned, rss_mib, started
 from bench.workload import keyed_refs, path, plain_refs, secrets_env
+from tests.integration.harness import free_port
 
 SECRETS = 1000
 BATCH = 10
